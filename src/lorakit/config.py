@@ -1,0 +1,201 @@
+"""The one typed training config.
+
+Keys are Alpaca-LoRA's (``finetune.py``) plus what a modern trainer needs. Every field documents
+itself: ``lorakit train --help-config`` prints them. A config is a YAML file plus ``key=value``
+overrides; unknown keys and invalid values fail in one line before any model is loaded.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import ConfigError
+
+SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "inverse_sqrt", "polynomial")
+
+
+class TrainConfig(BaseModel):
+    """Everything a training run needs. Defaults follow Alpaca-LoRA where it has one."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    # --- model -----------------------------------------------------------------------------
+    base_model: str = Field(
+        "smollm2-135m",
+        description="Base model: a local Hugging Face model folder, a .gguf file, a built-in "
+        "alias (smollm2-135m) or a hub id org/name (needs network).")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="Training precision. auto = bf16 autocast where the CPU/GPU supports "
+        "it, else fp32. fp16 needs CUDA.")
+    load_in_8bit: bool = Field(False, description="Load the frozen base in 8-bit (bitsandbytes, CUDA only).")
+    load_in_4bit: bool = Field(False, description="QLoRA: load the frozen base in 4-bit NF4 (bitsandbytes, CUDA only).")
+    trust_remote_code: bool = Field(False, description="Allow model code from the hub to run. Off: safe by default.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+
+    # --- data ------------------------------------------------------------------------------
+    data_path: str = Field("", description="Training data: .json, .jsonl, .csv or .parquet "
+                           "(Alpaca, Dolly, messages, ShareGPT or text records).")
+    data_format: Literal["auto", "alpaca", "dolly", "messages", "sharegpt", "text"] = Field(
+        "auto", description="Record shape; auto detects it from the first record.")
+    prompt_template_name: str = Field(
+        "alpaca", description="Prompt template: alpaca, alpaca_short, alpaca_legacy, chat (the "
+        "tokenizer's own chat template) or a path to an Alpaca-LoRA template JSON file.")
+    cutoff_len: int = Field(256, gt=0, description="Max tokens per example; longer ones are "
+                            "truncated (their EOS is lost, so keep cutoff above most examples).")
+    val_set_size: float = Field(
+        0, ge=0, description="Held-out examples for eval loss: a count (>= 1) or a fraction (< 1). 0 = none.")
+    train_on_inputs: bool = Field(False, description="Train on prompt tokens too. False = only "
+                                  "the response tokens count in the loss.")
+    add_eos_token: bool = Field(True, description="Append EOS after each trained response so the "
+                                "model learns to stop.")
+    group_by_length: bool = Field(False, description="Batch examples of similar length together (less padding).")
+
+    # --- LoRA ------------------------------------------------------------------------------
+    lora_r: int = Field(8, gt=0, description="LoRA rank.")
+    lora_alpha: float = Field(16, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
+    lora_dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
+    lora_target_modules: Union[list[str], str] = Field(
+        default_factory=lambda: ["q_proj", "v_proj"],
+        description="Module names to adapt (list), or 'all-linear' for every linear layer but the output head.")
+
+    # --- optimisation ----------------------------------------------------------------------
+    output_dir: str = Field("./lora-out", description="Where the adapter, logs and checkpoints go.")
+    overwrite_output_dir: bool = Field(False, description="Allow training into an output_dir that already holds a trained adapter.")
+    batch_size: int = Field(128, gt=0, description="Global batch size per optimizer step.")
+    micro_batch_size: int = Field(4, gt=0, description="Examples per forward pass per process; "
+                                  "gradient accumulation = batch_size / micro_batch_size / world size.")
+    num_epochs: float = Field(3, gt=0, description="Passes over the training data (ignored when max_steps > 0).")
+    max_steps: int = Field(-1, description="Stop after this many optimizer steps (-1 = use num_epochs).")
+    learning_rate: float = Field(3e-4, gt=0, description="Peak learning rate.")
+    lr_scheduler_type: Literal[SCHEDULERS] = Field("linear", description="Learning-rate schedule: " + ", ".join(SCHEDULERS) + ".")  # type: ignore[valid-type]
+    warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps (overrides warmup_ratio when > 0).")
+    warmup_ratio: float = Field(0.0, ge=0, le=1, description="Warm-up as a share of all steps.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    seed: int = Field(42, description="Random seed for data order, LoRA init and dropout.")
+
+    # --- logging / saving ------------------------------------------------------------------
+    logging_steps: int = Field(10, gt=0, description="Log train loss every N steps.")
+    eval_steps: int = Field(200, gt=0, description="Evaluate on the validation set every N steps.")
+    save_steps: int = Field(200, gt=0, description="Write a checkpoint every N steps.")
+    save_total_limit: int = Field(3, gt=0, description="Keep at most this many checkpoints.")
+    resume_from_checkpoint: Union[bool, str, None] = Field(
+        None, description="true = resume from the last checkpoint in output_dir; a path = that checkpoint.")
+
+    # --- Alpaca-LoRA compatibility (Weights & Biases) ----------------------------------------
+    wandb_project: str = Field("", description="W&B project; set to log to Weights & Biases (needs wandb installed).")
+    wandb_run_name: str = Field("", description="W&B run name.")
+    wandb_watch: str = Field("", description="W&B watch mode (false | gradients | all).")
+    wandb_log_model: str = Field("", description="W&B model logging (false | true).")
+
+    # --- validators ------------------------------------------------------------------------
+    @field_validator("lora_target_modules")
+    @classmethod
+    def _targets(cls, v):
+        if isinstance(v, str):
+            if v == "all-linear":
+                return v
+            # "q_proj,v_proj" from the command line
+            v = [s.strip() for s in v.split(",") if s.strip()]
+        if not v:
+            raise ValueError("must name at least one module, or be 'all-linear'")
+        return v
+
+    @field_validator("resume_from_checkpoint", mode="before")
+    @classmethod
+    def _resume(cls, v):
+        if isinstance(v, str) and v.lower() in ("true", "false", "none", ""):
+            return {"true": True, "false": None, "none": None, "": None}[v.lower()]
+        return v or None
+
+    @model_validator(mode="after")
+    def _batch(self):
+        if self.batch_size % self.micro_batch_size:
+            raise ValueError(
+                f"batch_size ({self.batch_size}) must be a multiple of micro_batch_size "
+                f"({self.micro_batch_size})")
+        if self.load_in_8bit and self.load_in_4bit:
+            raise ValueError("load_in_8bit and load_in_4bit: choose one")
+        return self
+
+    # --- helpers ---------------------------------------------------------------------------
+    def val_count(self, n_examples: int) -> int:
+        """val_set_size as a number of examples."""
+        if self.val_set_size <= 0:
+            return 0
+        if self.val_set_size < 1:
+            return max(1, int(round(n_examples * self.val_set_size)))
+        return int(self.val_set_size)
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    first = err.errors()[0]
+    key = ".".join(str(p) for p in first["loc"]) or "config"
+    if first["type"] == "extra_forbidden":
+        known = ", ".join(sorted(TrainConfig.model_fields))
+        return f"{source}: unknown key '{key}' (known keys: {known})"
+    msg = first["msg"].removeprefix("Value error, ")
+    value = first.get("input")
+    shown = "" if isinstance(value, dict) else f" (got {value!r})"
+    if key == "config":  # model-level check: the message names its keys
+        return f"{source}: {msg}"
+    return f"{source}: {key}: {msg}{shown}"
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """'key=value' -> (key, YAML-parsed value)."""
+    if "=" not in item:
+        raise ConfigError(f"override '{item}' is not key=value")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
+    """Read a YAML config, apply key=value overrides, validate. Errors name the file and key."""
+    data: dict[str, Any] = {}
+    source = "config"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path}: not valid UTF-8 text") from None
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"{path}: invalid YAML{where}: {getattr(e, 'problem', e)}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping of key: value, found {type(loaded).__name__}")
+        data.update(loaded)
+    for item in overrides or []:
+        key, value = parse_override(item)
+        data[key] = value
+    try:
+        return TrainConfig(**data)
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(e, source)) from None
+
+
+def config_help() -> str:
+    """Every key with its default and meaning (the config is the documentation)."""
+    lines = []
+    for name, f in TrainConfig.model_fields.items():
+        default = f.default_factory() if f.default_factory else f.default
+        lines.append(f"{name} (default {default!r}): {f.description}")
+    return "\n".join(lines)
+
+
+def dump_config(cfg: TrainConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
