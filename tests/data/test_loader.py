@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from lorakit.data.loader import FORMATS, LoadedData, detect_format, examples_from_records, load_examples
-from lorakit.data.records import Example, Turn
+from lorakit.data.records import Turn
 from lorakit.errors import ConfigError, DataError
 
 SHARED = Path(__file__).parents[2].parent / "shared" / "datasets"
@@ -178,7 +178,7 @@ BAD = [
     ("a.txt", "instruction,output", None, ["unsupported file kind '.txt'", ".jsonl", ".parquet"]),
     ("a.json", [MESSAGES], "alpaca", ["record 0: missing field 'instruction' (alpaca format needs"]),
     ("a.json", [{"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}], None,
-     ["record 0: messages[1]: expected a assistant turn, got user; turns must alternate"]),
+     ["record 0: messages[1]: expected an assistant turn, got user; turns must alternate"]),
     ("a.json", [{"messages": [{"role": "assistant", "content": "a"}]}], None, ["messages[0]: expected a user turn"]),
     ("a.json", [MESSAGES] * 3 + [{"messages": MESSAGES["messages"] + [{"role": "user", "content": "?"}]}], None,
      ["record 3: messages must end with an assistant turn"]),
@@ -205,8 +205,15 @@ def test_bad_data(write, name, content, data_format, parts):
 
 
 def test_long_values_are_truncated_in_messages(write):
-    message = fails(write("a.json", [{"messages": [{"role": "x" * 500 + "\n", "content": "c"}]}]), "unknown role")
-    assert len(message) < len(str(write("b.json", []))) + 300
+    path = write("a.json", [{"messages": [{"role": "x" * 500 + "\n", "content": "c"}]}])
+    assert len(fails(path, "unknown role 'xxx")) < len(str(path)) + 200
+
+
+def test_windows_line_endings(write):
+    data = load_examples(write("a.jsonl", b'{"text": "a"}\r\n\r\n{"text": "b"}\r\n'))
+    assert [ex.text for ex in data.examples] == ["a", "b"] and data.examples[1].source.endswith(":line 3")
+    data = load_examples(write("a.csv", b'instruction,output\r\n"two\r\nlines",o\r\n'))
+    assert data.examples[0].instruction == "two\r\nlines" and data.examples[0].output == "o"
 
 
 def test_missing_file_and_directory(tmp_path):

@@ -276,8 +276,8 @@ def _chat(record, key, role_key, content_key, roles, system) -> Example:
             continue
         expected = "user" if len(turns) % 2 == 0 else "assistant"
         if role != expected:
-            raise _Bad(f"{where}: expected a {expected} turn, got {role}; turns must alternate "
-                       "user/assistant, starting with user")
+            raise _Bad(f"{where}: expected {'a user' if expected == 'user' else 'an assistant'} turn, "
+                       f"got {role}; turns must alternate user/assistant, starting with user")
         turns.append(Turn(role, content))
     if not turns:
         raise _Bad(f"{key} has no user/assistant turns")
