@@ -1,0 +1,228 @@
+"""The `lorakit` command. Each command is a thin shell over the library; user mistakes
+(LorakitError) are printed as one line with a non-zero exit, never a traceback."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from .errors import LorakitError
+
+app = typer.Typer(help="Fine-tune LLMs with LoRA: train, generate, compare, merge.",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_show_locals=False)
+data_app = typer.Typer(help="Inspect training data.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import transformers
+    transformers.logging.set_verbosity_error()
+    import warnings
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def _register_models_app() -> None:
+    from .models.commands import app as models_app
+    app.add_typer(models_app, name="models")
+
+
+_register_models_app()
+
+
+@app.command()
+def train(
+    config: Path = typer.Argument(..., help="YAML config file (Alpaca-LoRA keys; see --help-config)."),
+    overrides: Optional[List[str]] = typer.Argument(None, help="key=value overrides, e.g. max_steps=30"),
+):
+    """Train a LoRA adapter: lorakit train CONFIG.yaml [key=value ...]"""
+    from .config import load_config
+    from .train.recipe import train as run_training
+
+    cfg = load_config(config, overrides or [])
+    _quiet_libraries()
+    run_training(cfg)
+
+
+@app.command("config-help")
+def config_help_cmd():
+    """List every config key with its default and meaning."""
+    from .config import config_help
+    typer.echo(config_help())
+
+
+def _params(max_new_tokens, temperature, top_p, top_k, num_beams, repetition_penalty, seed):
+    from .infer.generate import GenerationParams
+    if temperature < 0 or not (0 < top_p <= 1) or top_k < 0 or num_beams < 1 or max_new_tokens < 1:
+        raise LorakitError("generation: need temperature >= 0, 0 < top-p <= 1, top-k >= 0, "
+                           "num-beams >= 1, max-new-tokens >= 1")
+    return GenerationParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                            top_k=top_k, num_beams=num_beams, repetition_penalty=repetition_penalty, seed=seed)
+
+
+@app.command()
+def generate(
+    instruction: str = typer.Argument(..., help="The instruction (question) to answer."),
+    base: Optional[str] = typer.Option(None, help="Base model (default: the adapter's base, else smollm2-135m)."),
+    adapter: Optional[Path] = typer.Option(None, help="LoRA adapter folder (lorakit or plain peft)."),
+    input: str = typer.Option("", "--input", help="Optional input/context for the instruction."),
+    system: str = typer.Option("", help="Optional system prompt."),
+    template: Optional[str] = typer.Option(None, help="Prompt template (default: the one the adapter recorded)."),
+    max_new_tokens: int = typer.Option(256, help="Most tokens to generate."),
+    temperature: float = typer.Option(0.0, help="0 = greedy."),
+    top_p: float = typer.Option(1.0),
+    top_k: int = typer.Option(50),
+    num_beams: int = typer.Option(1),
+    repetition_penalty: float = typer.Option(1.0),
+    seed: Optional[int] = typer.Option(None, help="Seed for sampling."),
+    compare: bool = typer.Option(False, help="Print the base model's answer beside the adapter's."),
+):
+    """Answer one instruction; prints only the response."""
+    from .infer.generate import Generator
+
+    params = _params(max_new_tokens, temperature, top_p, top_k, num_beams, repetition_penalty, seed)
+    if compare and adapter is None:
+        raise LorakitError("--compare needs --adapter")
+    _quiet_libraries()
+    gen = Generator(base=base, adapter=str(adapter) if adapter else None, template=template)
+    if compare:
+        from rich.console import Console
+        from rich.table import Table
+        base_answer = gen.generate(instruction, input=input, system=system, params=params, use_adapter=False)
+        tuned = gen.generate(instruction, input=input, system=system, params=params, use_adapter=True)
+        table = Table(show_lines=True)
+        table.add_column(f"base ({gen.base})")
+        table.add_column(f"adapter ({adapter})")
+        table.add_row(base_answer, tuned)
+        Console().print(table)
+        return
+    streamer = None
+    if sys.stdout.isatty():
+        from transformers import TextStreamer
+        streamer = TextStreamer(gen.tokenizer, skip_prompt=True, skip_special_tokens=True)
+    answer = gen.generate(instruction, input=input, system=system, params=params, streamer=streamer)
+    if streamer is None:
+        typer.echo(answer)
+
+
+@app.command()
+def chat(
+    base: Optional[str] = typer.Option(None, help="Base model (default: the adapter's base, else smollm2-135m)."),
+    adapter: Optional[Path] = typer.Option(None, help="LoRA adapter folder."),
+    system: str = typer.Option("", help="System prompt (a character)."),
+    template: Optional[str] = typer.Option(None, help="Prompt template (default: the adapter's)."),
+    max_new_tokens: int = typer.Option(256),
+    temperature: float = typer.Option(0.0),
+    top_p: float = typer.Option(1.0),
+    seed: Optional[int] = typer.Option(None),
+):
+    """Interactive multi-turn chat. /reset clears the history, /exit (or Ctrl-D) quits."""
+    from transformers import TextStreamer
+
+    from .data.records import Turn
+    from .infer.generate import Generator
+
+    params = _params(max_new_tokens, temperature, top_p, 50, 1, 1.0, seed)
+    _quiet_libraries()
+    gen = Generator(base=base, adapter=str(adapter) if adapter else None, template=template)
+    typer.echo(f"chatting with {gen.base}" + (f" + {adapter}" if adapter else "") +
+               f" (template {gen.template.name}); /reset, /exit")
+    history: list[Turn] = []
+    streamer = TextStreamer(gen.tokenizer, skip_prompt=True, skip_special_tokens=True) if sys.stdout.isatty() else None
+    while True:
+        try:
+            line = input("you> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            typer.echo("")
+            break
+        if not line:
+            continue
+        if line in ("/exit", "/quit"):
+            break
+        if line == "/reset":
+            history = []
+            typer.echo("(history cleared)")
+            continue
+        if streamer is not None:
+            typer.echo("bot> ", nl=False)
+        answer = gen.generate(line, history=history, system=system, params=params, streamer=streamer)
+        if streamer is None:
+            typer.echo(f"bot> {answer}")
+        history += [Turn("user", line), Turn("assistant", answer)]
+
+
+@app.command()
+def merge(
+    adapter: Path = typer.Option(..., help="LoRA adapter folder."),
+    out: Path = typer.Option(..., help="Folder for the merged model (written atomically)."),
+    base: Optional[str] = typer.Option(None, help="Base model (default: the adapter's base)."),
+    dtype: str = typer.Option("fp32", help="fp32, bf16 or fp16."),
+    force: bool = typer.Option(False, help="Replace --out if it exists."),
+):
+    """Merge the adapter into the base: a standalone model folder."""
+    from .infer.merge import merge_adapter
+    _quiet_libraries()
+    path = merge_adapter(adapter, out, base=base, dtype=dtype, force=force)
+    typer.echo(str(path))
+
+
+@data_app.command("check")
+def data_check(
+    file: Path = typer.Argument(..., help="Data file (.json, .jsonl, .csv, .parquet)."),
+    base: str = typer.Option("smollm2-135m", help="Model whose tokenizer counts the tokens."),
+    template: str = typer.Option("alpaca", help="Prompt template."),
+    cutoff_len: int = typer.Option(256, help="cutoff_len to check against."),
+    data_format: Optional[str] = typer.Option(None, "--format", help="Force a format (alpaca, dolly, messages, sharegpt, text)."),
+):
+    """Count records, detect the format, show token lengths and how many exceed cutoff_len."""
+    from .data.check import check_data
+    from .data.loader import load_examples
+    from .data.templates import load_template
+    from .models.loading import load_tokenizer, resolve_model_path
+
+    data = load_examples(file, data_format)
+    if template != "chat":
+        load_template(template)
+    _quiet_libraries()
+    tokenizer = load_tokenizer(resolve_model_path(base))
+    report = check_data(data, tokenizer, load_template(template, tokenizer), cutoff_len)
+    for line in report.lines():
+        typer.echo(line)
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("lorakit-demo"), help="Folder for the demo data, config and adapter."),
+    steps: int = typer.Option(60, help="Optimizer steps (batch 8)."),
+    base: str = typer.Option("smollm2-135m", help="Base model."),
+):
+    """The main job: fine-tune the default model on the bundled persona data and show, on
+    held-out questions, what the adapter learned."""
+    from .demo import run_demo
+    _quiet_libraries()
+    r = run_demo(out, steps=steps, base_model=base)
+    typer.echo(f"held-out score (questions worded unlike any training example, n={r['heldout']}): "
+               f"base model {r['base_correct']}/{r['heldout']} ({100 * r['base_score']:.0f}%) -> "
+               f"with adapter {r['adapter_correct']}/{r['heldout']} ({100 * r['adapter_score']:.0f}%)")
+    typer.echo(f"{r['steps']} steps, final train loss {r['train_loss']:.3f}, total {r['wall_s']}s; "
+               f"adapter in {r['adapter']}")
+
+
+def main() -> None:
+    try:
+        app()
+    except LorakitError as e:
+        message = str(e).replace("\n", " ")
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

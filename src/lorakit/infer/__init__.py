@@ -1,0 +1,1 @@
+"""Inference: generation (with or without an adapter) and merging."""

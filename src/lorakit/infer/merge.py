@@ -1,0 +1,59 @@
+"""Merge an adapter into its base: a standalone model folder that plain
+``AutoModelForCausalLM.from_pretrained`` loads (safetensors + tokenizer + the template record)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from ..data.templates import TEMPLATE_RECORD
+from ..errors import LorakitError
+from ..models.loading import load_model, load_tokenizer, resolve_model_path
+from ..models.registry import DEFAULT_BASE_MODEL
+from .generate import check_adapter_dir, recorded_base_model
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def merge_adapter(adapter: str | Path, out: str | Path, base: str | None = None, dtype: str = "fp32",
+                  force: bool = False, trust_remote_code: bool = False) -> Path:
+    from peft import PeftModel
+
+    if dtype not in DTYPES:
+        raise LorakitError(f"--dtype: '{dtype}' is not one of {', '.join(DTYPES)}")
+    adapter_dir = check_adapter_dir(adapter)
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not force:
+        raise LorakitError(f"--out: {out} exists and is not empty; choose another folder or pass --force")
+    base = base or recorded_base_model(adapter_dir) or DEFAULT_BASE_MODEL
+    model_path = resolve_model_path(base)
+    tokenizer = load_tokenizer(model_path, trust_remote_code=trust_remote_code)
+    # Merge in fp32 (exact), then cast once.
+    model = load_model(model_path, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    model = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+    model = model.to(DTYPES[dtype])
+    model.config.use_cache = True
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.with_name(f".{out.name}.merging-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        model.save_pretrained(str(staging))
+        tokenizer.save_pretrained(str(staging))
+        if (adapter_dir / TEMPLATE_RECORD).is_file():
+            shutil.copy2(adapter_dir / TEMPLATE_RECORD, staging / TEMPLATE_RECORD)
+        (staging / "lorakit_merge.json").write_text(json.dumps(
+            {"base_model": base, "adapter": str(adapter_dir.resolve()), "dtype": dtype}, indent=2) + "\n")
+        if out.exists():
+            trash = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.rename(out, trash)
+            os.rename(staging, out)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.rename(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out

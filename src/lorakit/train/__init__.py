@@ -1,0 +1,1 @@
+"""Training: the LoRA fine-tuning recipe, callbacks, verified saving."""

@@ -1,0 +1,298 @@
+"""The LoRA fine-tuning recipe. Read it top to bottom: check, data, model, trainer, train, save.
+
+Built on transformers.Trainer (loop, accumulation, schedules, checkpoints, distributed through
+accelerate) and peft (LoRA layers, adapter save/load). What lorakit adds: failing early with
+clear lines, the data path with label masking, and an adapter saved verified and atomically.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import random
+import shutil
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from .. import __version__
+from ..config import TrainConfig, dump_config
+from ..console import info, warn
+from ..data.loader import load_examples
+from ..data.templates import PromptTemplate, load_template
+from ..data.tokenize import ExampleTokenizer
+from ..errors import ConfigError
+from ..models.loading import (check_quantization, load_model, load_tokenizer, model_module_names,
+                              quantization_config, resolve_model_path, resolve_precision)
+from .callbacks import JsonlLogCallback
+from .save import MANIFEST, clean_stale_staging, save_verified_adapter
+
+CONFIG_RECORD = "lorakit_config.yaml"
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def library_versions() -> dict[str, str]:
+    import accelerate
+    import datasets
+    import peft
+    import transformers
+    return {"lorakit": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "peft": peft.__version__, "accelerate": accelerate.__version__,
+            "datasets": datasets.__version__, "python": platform.python_version()}
+
+
+def resolve_target_modules(cfg: TrainConfig, model_path: str, trust_remote_code: bool):
+    """Check lora_target_modules against the model's layers on the meta device (no weights
+    loaded), so a typo fails in a line that lists the modules the model has."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if cfg.lora_target_modules == "all-linear":
+        return "all-linear"
+    config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    with init_empty_weights():
+        skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    available = model_module_names(skeleton)
+    missing = [m for m in cfg.lora_target_modules if m not in available]
+    if missing:
+        raise ConfigError(f"lora_target_modules: the model has no module named {', '.join(missing)}; "
+                          f"it has {', '.join(available)} (or use all-linear)")
+    return list(cfg.lora_target_modules)
+
+
+class LoraFinetune:
+    """One training run. ``run()`` calls the steps in order."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.output_dir = Path(cfg.output_dir)
+
+    # 1. Everything that can be checked before any heavy work -------------------------------
+    def check(self) -> None:
+        cfg = self.cfg
+        check_quantization(cfg.load_in_8bit, cfg.load_in_4bit)
+        self.precision = resolve_precision(cfg.precision)
+        if not cfg.data_path:
+            raise ConfigError("data_path: required (a .json, .jsonl, .csv or .parquet file)")
+        per_step = cfg.micro_batch_size * world_size()
+        if cfg.batch_size % per_step:
+            raise ConfigError(f"batch_size ({cfg.batch_size}) must be a multiple of micro_batch_size x "
+                              f"world size ({cfg.micro_batch_size} x {world_size()})")
+        self.grad_accum = cfg.batch_size // per_step
+        if cfg.wandb_project:
+            try:
+                import wandb  # noqa: F401
+            except ImportError:
+                raise ConfigError("wandb_project is set but wandb is not installed (pip install wandb)") from None
+        self.resume = self._resolve_resume()
+        if cfg.prompt_template_name != "chat":
+            load_template(cfg.prompt_template_name)  # a bad name fails before the model is pulled
+
+    def _resolve_resume(self):
+        from transformers.trainer_utils import get_last_checkpoint
+
+        cfg, out = self.cfg, self.output_dir
+        if cfg.resume_from_checkpoint is True:
+            last = get_last_checkpoint(str(out)) if out.is_dir() else None
+            if last is None:
+                raise ConfigError(f"resume_from_checkpoint: no checkpoint-N folder in {out}")
+            return last
+        if isinstance(cfg.resume_from_checkpoint, str):
+            if not Path(cfg.resume_from_checkpoint).is_dir():
+                raise ConfigError(f"resume_from_checkpoint: {cfg.resume_from_checkpoint} is not a folder")
+            return cfg.resume_from_checkpoint
+        leftovers = [p for p in out.glob("checkpoint-*")] if out.is_dir() else []
+        if (out / MANIFEST).exists() or leftovers:
+            if not cfg.overwrite_output_dir:
+                what = "a trained adapter" if (out / MANIFEST).exists() else "checkpoints of an unfinished run"
+                raise ConfigError(f"output_dir: {out} already holds {what}; pass resume_from_checkpoint=true, "
+                                  "overwrite_output_dir=true, or another output_dir")
+        return None
+
+    # 2. Data ---------------------------------------------------------------------------------
+    def setup_data(self) -> None:
+        cfg = self.cfg
+        fmt = None if cfg.data_format == "auto" else cfg.data_format
+        self.data = load_examples(cfg.data_path, fmt)
+        self.model_path = resolve_model_path(cfg.base_model)
+        self.tokenizer = load_tokenizer(self.model_path, trust_remote_code=cfg.trust_remote_code)
+        self.template: PromptTemplate = load_template(cfg.prompt_template_name, self.tokenizer)
+        self.target_modules = resolve_target_modules(cfg, self.model_path, cfg.trust_remote_code)
+
+        examples = list(self.data.examples)
+        n_val = cfg.val_count(len(examples))
+        if n_val >= len(examples):
+            raise ConfigError(f"val_set_size: {cfg.val_set_size} leaves no training examples "
+                              f"(the data has {len(examples)})")
+        random.Random(cfg.seed).shuffle(examples) if n_val else None
+        val, train = examples[:n_val], examples[n_val:]
+        encode = ExampleTokenizer(self.tokenizer, self.template, cfg.cutoff_len,
+                                  train_on_inputs=cfg.train_on_inputs, add_eos_token=cfg.add_eos_token)
+        self.train_features, stats = encode.map(train)
+        self.val_features, _ = encode.map(val)
+        if not self.train_features:
+            raise ConfigError(f"cutoff_len: {cfg.cutoff_len} leaves no trainable token in any example of {cfg.data_path}")
+        self.train_tokens = sum(len(f["input_ids"]) for f in self.train_features)
+        info(f"data: {len(self.data.examples)} {self.data.format} records from {cfg.data_path} -> "
+             f"{len(self.train_features)} train, {len(self.val_features)} validation "
+             f"(template {self.template.name})")
+        if stats.truncated:
+            warn(f"{stats.truncated} examples are longer than cutoff_len={cfg.cutoff_len} and were truncated "
+                 "(their EOS is lost); raise cutoff_len or see `lorakit data check`")
+        if stats.dropped:
+            warn(f"{stats.dropped} examples had no answer token left within cutoff_len and were dropped")
+
+    # 3. Model --------------------------------------------------------------------------------
+    def setup_model(self) -> None:
+        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+        cfg = self.cfg
+        quantized = cfg.load_in_8bit or cfg.load_in_4bit
+        compute_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision, torch.float32)
+        qconfig = quantization_config(cfg.load_in_8bit, cfg.load_in_4bit, compute_dtype)
+        # Frozen base and LoRA weights stay fp32; bf16/fp16 run as autocast inside the Trainer.
+        model = load_model(self.model_path, dtype=torch.float32, load_in_8bit=cfg.load_in_8bit,
+                           load_in_4bit=cfg.load_in_4bit, trust_remote_code=cfg.trust_remote_code,
+                           device_map={"": int(os.environ.get("LOCAL_RANK", 0))} if quantized else None)
+        model.config.use_cache = False
+        if quantized:
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+        elif cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
+        lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                          target_modules=self.target_modules, bias="none", task_type="CAUSAL_LM")
+        torch.manual_seed(cfg.seed)  # LoRA A init
+        self.model = get_peft_model(model, lora)
+        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in self.model.parameters())
+        self.param_counts = {"trainable": trainable, "total": total}
+        info(f"model: {cfg.base_model} ({total / 1e6:.1f}M parameters), precision {self.precision}; "
+             f"trainable LoRA parameters: {trainable:,} ({100 * trainable / total:.3f}%)")
+
+    # 4. Trainer ------------------------------------------------------------------------------
+    def setup_trainer(self) -> None:
+        from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
+
+        cfg = self.cfg
+        has_val = bool(self.val_features)
+        report_to = ["tensorboard"] + (["wandb"] if cfg.wandb_project else [])
+        if cfg.wandb_project:
+            os.environ.setdefault("WANDB_PROJECT", cfg.wandb_project)
+        warmup = cfg.warmup_steps if cfg.warmup_steps > 0 else cfg.warmup_ratio
+        args = TrainingArguments(
+            output_dir=str(self.output_dir),
+            per_device_train_batch_size=cfg.micro_batch_size,
+            per_device_eval_batch_size=cfg.micro_batch_size,
+            gradient_accumulation_steps=self.grad_accum,
+            num_train_epochs=cfg.num_epochs,
+            max_steps=cfg.max_steps,
+            learning_rate=cfg.learning_rate,
+            lr_scheduler_type=cfg.lr_scheduler_type,
+            warmup_steps=warmup,
+            weight_decay=cfg.weight_decay,
+            bf16=self.precision == "bf16",
+            fp16=self.precision == "fp16",
+            use_cpu=not torch.cuda.is_available(),
+            logging_steps=cfg.logging_steps,
+            logging_first_step=True,
+            eval_strategy="steps" if has_val else "no",
+            eval_steps=cfg.eval_steps,
+            save_strategy="steps",
+            save_steps=cfg.save_steps,
+            save_total_limit=cfg.save_total_limit,
+            seed=cfg.seed,
+            data_seed=cfg.seed,
+            train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
+            report_to=report_to,
+            run_name=cfg.wandb_run_name or None,
+            dataloader_num_workers=0,
+            ddp_find_unused_parameters=False if world_size() > 1 else None,
+            remove_unused_columns=False,
+        )
+        collator = DataCollatorForSeq2Seq(self.tokenizer, padding=True, pad_to_multiple_of=8,
+                                          label_pad_token_id=-100, return_tensors="pt")
+        self.trainer = Trainer(model=self.model, args=args, train_dataset=self.train_features,
+                               eval_dataset=self.val_features or None, data_collator=collator,
+                               callbacks=[JsonlLogCallback(self.output_dir)])
+
+    # 5. Train --------------------------------------------------------------------------------
+    def train(self) -> None:
+        t0 = time.time()
+        result = self.trainer.train(resume_from_checkpoint=self.resume)
+        self.wall_s = time.time() - t0
+        self.train_loss = result.training_loss
+        self.eval_loss = None
+        if self.val_features:
+            self.eval_loss = self.trainer.evaluate()["eval_loss"]
+
+    # 6. Save, verified -------------------------------------------------------------------------
+    def save(self) -> dict:
+        cfg = self.cfg
+        state = self.trainer.state
+        epochs = state.epoch or 0.0
+        tokens_seen = int(self.train_tokens * epochs)
+        manifest = {
+            "lorakit_version": __version__,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "base_model": cfg.base_model,
+            "base_model_path": str(self.model_path),
+            "data": {"path": str(cfg.data_path), "sha256": self.data.sha256, "format": self.data.format,
+                     "records": len(self.data.examples), "train_examples": len(self.train_features),
+                     "val_examples": len(self.val_features)},
+            "template": self.template.name,
+            "precision": self.precision,
+            "world_size": world_size(),
+            "parameters": self.param_counts,
+            "lora": {"r": cfg.lora_r, "alpha": cfg.lora_alpha, "dropout": cfg.lora_dropout,
+                     "target_modules": self.target_modules},
+            "training": {"global_steps": state.global_step, "epochs": round(epochs, 4),
+                         "train_loss": self.train_loss, "eval_loss": self.eval_loss,
+                         "wall_s": round(self.wall_s, 1), "tokens_seen": tokens_seen,
+                         "tokens_per_s": round(tokens_seen / self.wall_s, 1) if self.wall_s else None},
+            "libraries": library_versions(),
+        }
+        if not self.trainer.is_world_process_zero():
+            return manifest
+        probe = torch.tensor([self.train_features[0]["input_ids"][:32]])
+        extra = {CONFIG_RECORD: dump_config(cfg),
+                 "lorakit_template.json": _template_json(self.template)}
+        return save_verified_adapter(self.model, self.tokenizer, self.output_dir, extra, probe, manifest)
+
+    def run(self) -> dict:
+        self.check()
+        self.setup_data()
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        if is_main_process():
+            clean_stale_staging(self.output_dir)
+            if self.cfg.overwrite_output_dir and self.resume is None:
+                for old in self.output_dir.glob("checkpoint-*"):
+                    shutil.rmtree(old, ignore_errors=True)
+                (self.output_dir / "train_log.jsonl").unlink(missing_ok=True)
+            (self.output_dir / CONFIG_RECORD).write_text(dump_config(self.cfg), encoding="utf-8")
+        self.setup_model()
+        self.setup_trainer()
+        self.train()
+        manifest = self.save()
+        t = manifest["training"]
+        info(f"done: {t['global_steps']} steps in {t['wall_s']}s, train loss {t['train_loss']:.4f}"
+             + (f", eval loss {t['eval_loss']:.4f}" if t["eval_loss"] is not None else "")
+             + f", ~{t['tokens_per_s']} tokens/s. Adapter verified and saved to {self.output_dir}")
+        return manifest
+
+
+def _template_json(template: PromptTemplate) -> str:
+    import json
+    return json.dumps(template.to_record(), indent=2, ensure_ascii=False) + "\n"
+
+
+def train(cfg: TrainConfig) -> dict:
+    return LoraFinetune(cfg).run()

@@ -1,0 +1,116 @@
+"""Saving an adapter you can trust: write to a staging folder, verify, then move into place.
+
+Verification (a failure is an error, not a warning): the safetensors file loads, holds every
+LoRA weight of the in-memory model, all finite, not all zero; and loading the saved adapter
+back onto the base reproduces the in-memory model's logits on a probe input.
+
+Atomicity: files are written into ``output_dir/.saving-<pid>`` and moved with os.replace (atomic
+per file on one filesystem); the manifest is written last and removed first, so a folder whose
+manifest is present always holds a complete, verified adapter.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from ..errors import LorakitError
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+MANIFEST = "manifest.json"
+STAGING_PREFIX = ".saving-"
+VERIFY_ADAPTER = "lorakit_verify"
+
+
+class AdapterVerificationError(LorakitError):
+    exit_code = 1
+
+
+def clean_stale_staging(output_dir: Path) -> None:
+    """Remove staging folders left by a save that was interrupted."""
+    for p in Path(output_dir).glob(STAGING_PREFIX + "*"):
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def write_json_atomic(path: Path, data) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _lora_state(model) -> dict[str, torch.Tensor]:
+    return {n: p for n, p in model.named_parameters() if "lora_" in n}
+
+
+def verify_adapter(model, folder: Path, probe_ids: torch.Tensor, atol: float = 1e-4) -> dict:
+    """Check the adapter saved in ``folder`` against the in-memory peft ``model``."""
+    weights_file = folder / ADAPTER_WEIGHTS
+    if not weights_file.is_file() or not (folder / ADAPTER_CONFIG).is_file():
+        raise AdapterVerificationError(f"{folder}: adapter files were not written")
+    saved = load_file(str(weights_file))
+    expected = [n for n in _lora_state(model) if ".default." in n or n.endswith(".default")]
+    if not saved:
+        raise AdapterVerificationError(f"{weights_file}: the saved adapter is empty (no tensors)")
+    if len(saved) < len(expected):
+        raise AdapterVerificationError(
+            f"{weights_file}: holds {len(saved)} tensors but the model has {len(expected)} LoRA weights")
+    for name, t in saved.items():
+        if not torch.isfinite(t).all():
+            raise AdapterVerificationError(f"{weights_file}: tensor {name} holds NaN or inf")
+    lora_b = [t for n, t in saved.items() if "lora_B" in n]
+    if lora_b and all(float(t.abs().max()) == 0.0 for t in lora_b):
+        raise AdapterVerificationError(
+            f"{weights_file}: every lora_B weight is zero, so the adapter changes nothing; "
+            "training did not update it (check learning_rate, max_steps and the data)")
+
+    # Logits: saved adapter loaded back vs the in-memory one, in fp32, no dropout.
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    probe_ids = probe_ids.to(device)
+    try:
+        model.load_adapter(str(folder), adapter_name=VERIFY_ADAPTER)
+        with torch.no_grad(), torch.autocast(device.type, enabled=False):
+            model.set_adapter("default")
+            ref = model(input_ids=probe_ids).logits.float()
+            model.set_adapter(VERIFY_ADAPTER)
+            got = model(input_ids=probe_ids).logits.float()
+    finally:
+        model.set_adapter("default")
+        if VERIFY_ADAPTER in model.peft_config:
+            model.delete_adapter(VERIFY_ADAPTER)
+        model.train(was_training)
+    diff = float((ref - got).abs().max())
+    if not diff <= atol:
+        raise AdapterVerificationError(
+            f"{folder}: the saved adapter does not reproduce the trained model (max logit diff {diff:.3g})")
+    return {"tensors": len(saved), "max_logit_diff": diff,
+            "size_bytes": weights_file.stat().st_size}
+
+
+def save_verified_adapter(model, tokenizer, output_dir: Path, extra_files: dict[str, str],
+                          probe_ids: torch.Tensor, manifest: dict) -> dict:
+    """Save adapter + tokenizer + extra text files into output_dir, verified and atomic."""
+    output_dir = Path(output_dir)
+    staging = output_dir / f"{STAGING_PREFIX}{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        model.save_pretrained(str(staging))
+        tokenizer.save_pretrained(str(staging))
+        for name, text in extra_files.items():
+            (staging / name).write_text(text, encoding="utf-8")
+        check = verify_adapter(model, staging, probe_ids)
+        (output_dir / MANIFEST).unlink(missing_ok=True)
+        for f in sorted(staging.iterdir()):
+            os.replace(f, output_dir / f.name)
+        manifest = {**manifest, "verification": check}
+        write_json_atomic(output_dir / MANIFEST, manifest)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return manifest
