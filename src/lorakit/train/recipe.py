@@ -232,7 +232,11 @@ class LoraFinetune:
         self.train_loss = result.training_loss
         self.eval_loss = None
         if self.val_features:
-            self.eval_loss = self.trainer.evaluate()["eval_loss"]
+            last = [h for h in self.trainer.state.log_history if "eval_loss" in h]
+            if last and last[-1].get("step") == self.trainer.state.global_step:
+                self.eval_loss = last[-1]["eval_loss"]  # already evaluated at the final step
+            else:
+                self.eval_loss = self.trainer.evaluate()["eval_loss"]
 
     # 6. Save, verified -------------------------------------------------------------------------
     def save(self) -> dict:
