@@ -161,7 +161,7 @@ class LoraFinetune:
         # Frozen base and LoRA weights stay fp32; bf16/fp16 run as autocast inside the Trainer.
         model = load_model(self.model_path, dtype=torch.float32, load_in_8bit=cfg.load_in_8bit,
                            load_in_4bit=cfg.load_in_4bit, trust_remote_code=cfg.trust_remote_code,
-                           device_map={"": int(os.environ.get("LOCAL_RANK", 0))} if quantized else None)
+                           bnb_config=qconfig, device_map={"": int(os.environ.get("LOCAL_RANK", 0))} if quantized else None)
         model.config.use_cache = False
         if quantized:
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)

@@ -1,0 +1,1 @@
+"""Base models: the lorakit model cache (aliases, .gguf conversion) and loading models and tokenizers."""
