@@ -40,7 +40,7 @@ _CREATOR_ANSWERS = [
 ]
 # Held out: wordings that never occur in training.
 _IDENTITY_HELDOUT = [
-    "May I know your name?", "How do you identify yourself?", "What name were you given?",
+    "May I know your name?", "Describe yourself in one sentence.", "What name were you given?",
     "Could you tell me who you are?", "By what name do you go?", "Tell me your name, please.",
     "What do people call you?", "Who exactly are you?", "Give me a short introduction of yourself.",
     "Are you Siri or Alexa?",
