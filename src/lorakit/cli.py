@@ -42,10 +42,10 @@ def train(
 ):
     """Train a LoRA adapter: lorakit train CONFIG.yaml [key=value ...]"""
     from .config import load_config
-    from .train.recipe import train as run_training
 
-    cfg = load_config(config, overrides or [])
+    cfg = load_config(config, overrides or [])  # config errors come before the heavy imports
     _quiet_libraries()
+    from .train.recipe import train as run_training
     run_training(cfg)
 
 

@@ -103,6 +103,18 @@ class TrainConfig(BaseModel):
             raise ValueError("must name at least one module, or be 'all-linear'")
         return v
 
+    @field_validator("base_model", "data_path", "prompt_template_name", "output_dir",
+                     "wandb_project", "wandb_run_name", "wandb_watch", "wandb_log_model", mode="before")
+    @classmethod
+    def _text(cls, v):
+        # YAML reads `true` or `2024` as a bool or a number; in a text field they mean the text
+        # (wandb_log_model: true, wandb_run_name: 1, output_dir: 2024).
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (int, float)):
+            return str(v)
+        return v
+
     @field_validator("resume_from_checkpoint", mode="before")
     @classmethod
     def _resume(cls, v):
@@ -121,6 +133,13 @@ class TrainConfig(BaseModel):
         return self
 
     # --- helpers ---------------------------------------------------------------------------
+    @field_validator("val_set_size")
+    @classmethod
+    def _val_size(cls, v):
+        if v >= 1 and v != int(v):
+            raise ValueError("must be a count of examples (a whole number >= 1) or a fraction below 1")
+        return v
+
     def val_count(self, n_examples: int) -> int:
         """val_set_size as a number of examples."""
         if self.val_set_size <= 0:
@@ -132,7 +151,8 @@ class TrainConfig(BaseModel):
 
 def _format_validation_error(err: ValidationError, source: str) -> str:
     first = err.errors()[0]
-    key = ".".join(str(p) for p in first["loc"]) or "config"
+    # loc is (key,) or (key, 'list[str]', ...) for union fields: the key is what the user wrote
+    key = str(first["loc"][0]) if first["loc"] else "config"
     if first["type"] == "extra_forbidden":
         known = ", ".join(sorted(TrainConfig.model_fields))
         return f"{source}: unknown key '{key}' (known keys: {known})"
@@ -181,6 +201,9 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         data.update(loaded)
     for item in overrides or []:
         key, value = parse_override(item)
+        field = TrainConfig.model_fields.get(key)
+        if field is not None and field.annotation is str and not isinstance(value, str):
+            value = item.split("=", 1)[1].strip()  # a text field takes the text as typed (output_dir=0123)
         data[key] = value
     try:
         return TrainConfig(**data)

@@ -1,5 +1,6 @@
 """Training on a tiny random Llama: outputs, verification, atomic save, guards."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -38,6 +39,7 @@ def test_train_writes_a_verified_adapter(tiny_model_dir, tmp_path):
     saved = json.loads((out / "manifest.json").read_text())
     assert saved == json.loads(json.dumps(manifest))
     assert saved["world_size"] == 1 and saved["template"] == "alpaca"
+    assert Path(saved["base_model_path"]).is_absolute()
     assert saved["data"]["train_examples"] == 20 and saved["data"]["val_examples"] == 4
     assert len(saved["data"]["sha256"]) == 64
     assert saved["training"]["global_steps"] == 4
@@ -98,3 +100,11 @@ def test_output_dir_guard_and_resume(tiny_model_dir, tmp_path):
     # resume from the last checkpoint and go further
     manifest = train(cfg_for(tiny_model_dir, tmp_path, max_steps=6, resume_from_checkpoint=True))
     assert manifest["training"]["global_steps"] == 6
+
+
+def test_relative_base_model_is_found_from_another_directory(tiny_model_dir, tmp_path, monkeypatch):
+    from lorakit.infer.generate import recorded_base_model
+    monkeypatch.chdir(tiny_model_dir.parent)
+    train(cfg_for(tiny_model_dir.name, tmp_path))
+    monkeypatch.chdir(tmp_path)
+    assert Path(recorded_base_model(tmp_path / "out")) == tiny_model_dir.resolve()

@@ -18,7 +18,7 @@ from ..data.templates import PromptTemplate, load_template, template_for_folder
 from ..data.tokenize import encode_prompt
 from ..errors import ModelError
 from ..models.loading import load_model, load_tokenizer, resolve_model_path
-from ..models.registry import DEFAULT_BASE_MODEL
+from ..models.registry import ALIASES, DEFAULT_BASE_MODEL
 
 
 @dataclass
@@ -62,7 +62,12 @@ def recorded_base_model(adapter: str | Path) -> str | None:
     folder = Path(adapter)
     manifest = folder / "manifest.json"
     if manifest.is_file():
-        return json.loads(manifest.read_text(encoding="utf-8")).get("base_model")
+        record = json.loads(manifest.read_text(encoding="utf-8"))
+        base, local = record.get("base_model"), record.get("base_model_path")
+        # a relative folder name only works from the training directory: prefer the absolute path
+        if base and base not in ALIASES and not Path(base).exists() and local and Path(local).exists():
+            return local
+        return base
     cfg = folder / "adapter_config.json"
     if cfg.is_file():
         return json.loads(cfg.read_text(encoding="utf-8")).get("base_model_name_or_path")

@@ -22,7 +22,7 @@ from ..console import info, warn
 from ..data.loader import load_examples
 from ..data.templates import PromptTemplate, load_template
 from ..data.tokenize import ExampleTokenizer
-from ..errors import ConfigError
+from ..errors import ConfigError, ModelError
 from ..models.loading import (check_quantization, load_model, load_tokenizer, model_module_names,
                               quantization_config, resolve_model_path, resolve_precision)
 from .callbacks import JsonlLogCallback
@@ -122,7 +122,10 @@ class LoraFinetune:
         cfg = self.cfg
         fmt = None if cfg.data_format == "auto" else cfg.data_format
         self.data = load_examples(cfg.data_path, fmt)
-        self.model_path = resolve_model_path(cfg.base_model)
+        try:
+            self.model_path = resolve_model_path(cfg.base_model)
+        except ModelError as e:
+            raise ModelError(f"base_model: {e}") from None
         self.tokenizer = load_tokenizer(self.model_path, trust_remote_code=cfg.trust_remote_code)
         self.template: PromptTemplate = load_template(cfg.prompt_template_name, self.tokenizer)
         self.target_modules = resolve_target_modules(cfg, self.model_path, cfg.trust_remote_code)
@@ -217,6 +220,7 @@ class LoraFinetune:
             dataloader_num_workers=0,
             ddp_find_unused_parameters=False if world_size() > 1 else None,
             remove_unused_columns=False,
+            disable_tqdm=not is_main_process(),  # the progress bar with ETA, whatever the log level
         )
         collator = DataCollatorForSeq2Seq(self.tokenizer, padding=True, pad_to_multiple_of=8,
                                           label_pad_token_id=-100, return_tensors="pt")
@@ -248,7 +252,7 @@ class LoraFinetune:
             "lorakit_version": __version__,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "base_model": cfg.base_model,
-            "base_model_path": str(self.model_path),
+            "base_model_path": str(Path(self.model_path).resolve()) if Path(self.model_path).exists() else str(self.model_path),
             "data": {"path": str(cfg.data_path), "sha256": self.data.sha256, "format": self.data.format,
                      "records": len(self.data.examples), "train_examples": len(self.train_features),
                      "val_examples": len(self.val_features)},
