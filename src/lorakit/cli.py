@@ -96,8 +96,8 @@ def generate(
         base_answer = gen.generate(instruction, input=input, system=system, params=params, use_adapter=False)
         tuned = gen.generate(instruction, input=input, system=system, params=params, use_adapter=True)
         table = Table(show_lines=True)
-        table.add_column(f"base ({gen.base})")
-        table.add_column(f"adapter ({adapter})")
+        table.add_column(f"base ({gen.base})", overflow="fold")
+        table.add_column(f"adapter ({adapter})", overflow="fold")
         table.add_row(base_answer, tuned)
         Console().print(table)
         return
