@@ -157,6 +157,8 @@ def _read_jsonl(path, data):
 
 
 def _read_csv(path, data):
+    # The stdlib reader, not datasets/pandas: those turn cells like "42", "NA" or "null" into
+    # numbers or missing values, which would corrupt answers and break the string checks.
     reader = csv.DictReader(io.StringIO(_decode(path, data), newline=""))
     items = []
     try:
@@ -171,6 +173,7 @@ def _read_csv(path, data):
 
 
 def _read_parquet(path, data):
+    # pyarrow directly (what datasets uses underneath): keeps list-of-struct chat columns as-is.
     import pyarrow as pa
     import pyarrow.parquet as pq
 
