@@ -6,6 +6,7 @@ overrides; unknown keys and invalid values fail in one line before any model is 
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal, Union
 
@@ -13,6 +14,14 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
+
+_REGEX_CHARS = set("*+?^$|()[]{}\\")
+
+
+def is_regex(target: str) -> bool:
+    """lora_target_modules given as one string with regex characters is a regular expression."""
+    return bool(_REGEX_CHARS & set(target))
+
 
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "inverse_sqrt", "polynomial")
 
@@ -59,7 +68,19 @@ class TrainConfig(BaseModel):
     lora_dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
     lora_target_modules: Union[list[str], str] = Field(
         default_factory=lambda: ["q_proj", "v_proj"],
-        description="Module names to adapt (list), or 'all-linear' for every linear layer but the output head.")
+        description="Modules to adapt: a list of names, a regular expression matched against full module "
+        "names (e.g. '.*layers\\.(0|1)\\..*_proj'), or 'all-linear' for every linear layer but the output head.")
+
+    lora_bias: Literal["none", "lora_only", "all"] = Field(
+        "none", description="Which biases to train: none, lora_only (of adapted layers) or all.")
+    use_rslora: bool = Field(False, description="Rank-stabilised LoRA: scale = alpha / sqrt(r).")
+    use_dora: bool = Field(False, description="DoRA: weight-decomposed LoRA (magnitude + direction).")
+    rank_pattern: dict[str, int] = Field(
+        default_factory=dict, description="Per-layer ranks, {regex or name: r}, e.g. {'layers\\.0\\..*': 16} (layered LoRA).")
+    alpha_pattern: dict[str, float] = Field(
+        default_factory=dict, description="Per-layer alphas, {regex or name: alpha}.")
+    modules_to_save: list[str] = Field(
+        default_factory=list, description="Modules trained fully and saved with the adapter (e.g. lm_head, embed_tokens).")
 
     # --- optimisation ----------------------------------------------------------------------
     output_dir: str = Field("./lora-out", description="Where the adapter, logs and checkpoints go.")
@@ -76,6 +97,20 @@ class TrainConfig(BaseModel):
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     seed: int = Field(42, description="Random seed for data order, LoRA init and dropout.")
 
+    packing: bool = Field(False, description="Padding-free batches: examples packed end to end, "
+                          "attention kept within each example. Saves the compute spent on padding.")
+
+    # --- stopping and guards ---------------------------------------------------------------
+    early_stopping_patience: int = Field(
+        0, ge=0, description="Stop after this many evaluations without eval-loss improvement (0 = off; needs val_set_size).")
+    early_stopping_threshold: float = Field(
+        0.0, ge=0, description="Minimum eval-loss improvement that counts (min delta).")
+    load_best_model_at_end: bool = Field(
+        True, description="With validation, end with the adapter of the best eval loss (not the last step).")
+    stop_at_loss: float = Field(0.0, ge=0, description="Stop when the logged train loss falls to this value (0 = off).")
+    zero_loss_warn_steps: int = Field(
+        3, ge=1, description="Warn when the train loss is exactly 0 for this many logs in a row (usually a label-masking mistake).")
+
     # --- logging / saving ------------------------------------------------------------------
     logging_steps: int = Field(10, gt=0, description="Log train loss every N steps.")
     eval_steps: int = Field(200, gt=0, description="Evaluate on the validation set every N steps.")
@@ -83,6 +118,12 @@ class TrainConfig(BaseModel):
     save_total_limit: int = Field(3, gt=0, description="Keep at most this many checkpoints.")
     resume_from_checkpoint: Union[bool, str, None] = Field(
         None, description="true = resume from the last checkpoint in output_dir; a path = that checkpoint.")
+
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
+        default_factory=lambda: ["tensorboard"], description="Where metrics go besides train_log.jsonl: "
+        "tensorboard (in output_dir/runs), wandb, mlflow (each must be installed).")
+    lora_norms_steps: int = Field(
+        0, ge=0, description="Log per-layer LoRA A, B and B·A norms to TensorBoard every N steps (0 = every logging_steps).")
 
     # --- Alpaca-LoRA compatibility (Weights & Biases) ----------------------------------------
     wandb_project: str = Field("", description="W&B project; set to log to Weights & Biases (needs wandb installed).")
@@ -96,6 +137,12 @@ class TrainConfig(BaseModel):
     def _targets(cls, v):
         if isinstance(v, str):
             if v == "all-linear":
+                return v
+            if is_regex(v):  # peft matches a string target against full module names
+                try:
+                    re.compile(v)
+                except re.error as e:
+                    raise ValueError(f"not a valid regular expression: {e}") from None
                 return v
             # "q_proj,v_proj" from the command line
             v = [s.strip() for s in v.split(",") if s.strip()]
@@ -121,6 +168,13 @@ class TrainConfig(BaseModel):
         if isinstance(v, str) and v.lower() in ("true", "false", "none", ""):
             return {"true": True, "false": None, "none": None, "": None}[v.lower()]
         return v or None
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _report_to(cls, v):
+        if isinstance(v, str):
+            v = [s.strip() for s in v.split(",") if s.strip() and s.strip() != "none"]
+        return v
 
     @model_validator(mode="after")
     def _batch(self):
