@@ -87,7 +87,7 @@ def test_untrained_adapter_is_reported_empty(tiny_model_dir, tmp_path):
 def test_config_errors_before_model_load(tiny_model_dir, tmp_path):
     with pytest.raises(ConfigError, match="no module named nope; it has .*q_proj"):
         LoraFinetune(cfg_for(tiny_model_dir, tmp_path, lora_target_modules=["q_proj", "nope"])).run()
-    with pytest.raises(ConfigError, match="no checkpoint"):
+    with pytest.raises(ConfigError, match="no complete checkpoint"):
         LoraFinetune(cfg_for(tiny_model_dir, tmp_path, resume_from_checkpoint=True)).check()
     with pytest.raises(ConfigError, match="load_in_4bit"):
         LoraFinetune(cfg_for(tiny_model_dir, tmp_path, load_in_4bit=True)).check()

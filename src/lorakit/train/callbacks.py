@@ -1,12 +1,14 @@
-"""Trainer callbacks: the JSONL training log lorakit writes into output_dir."""
+"""Trainer callbacks: the JSONL log, checkpoint markers, loss guards, the live progress line."""
 from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 
 from transformers import TrainerCallback
+from transformers.trainer_callback import ProgressCallback
 
 TRAIN_LOG = "train_log.jsonl"
 
@@ -40,3 +42,90 @@ def read_train_log(output_dir: str | Path) -> list[dict]:
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+# ---- checkpoints -------------------------------------------------------------------------------
+
+CHECKPOINT_MARKER = "lorakit_checkpoint.json"
+
+
+class CheckpointMarkerCallback(TrainerCallback):
+    """Marks a checkpoint complete once the Trainer has written all of it (weights, optimizer,
+    scheduler, RNG states, trainer state). transformers writes checkpoint files in place, so a
+    process killed mid-save leaves a folder that looks like a checkpoint; resume ignores any
+    checkpoint without this marker."""
+
+    def on_save(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if folder.is_dir():
+            tmp = folder / (CHECKPOINT_MARKER + ".tmp")
+            with tmp.open("w", encoding="utf-8") as f:
+                json.dump({"step": state.global_step, "time": time.time()}, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, folder / CHECKPOINT_MARKER)
+
+
+def checkpoint_step(folder: Path) -> int:
+    try:
+        return int(folder.name.rsplit("-", 1)[1])
+    except (IndexError, ValueError):
+        return -1
+
+
+def complete_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Checkpoint folders whose save finished, oldest first."""
+    out = Path(output_dir)
+    found = [p for p in out.glob("checkpoint-*") if p.is_dir() and checkpoint_step(p) >= 0]
+    return sorted((p for p in found if (p / CHECKPOINT_MARKER).is_file()), key=checkpoint_step)
+
+
+def incomplete_checkpoints(output_dir: str | Path) -> list[Path]:
+    out = Path(output_dir)
+    return [p for p in out.glob("checkpoint-*") if p.is_dir() and not (p / CHECKPOINT_MARKER).is_file()]
+
+
+# ---- guards and the live line -----------------------------------------------------------------
+
+class LossGuardCallback(TrainerCallback):
+    """Warns when the train loss is exactly 0 for several logs in a row (usually every label is
+    masked, or labels leak into inputs), and stops the run once the loss reaches stop_at_loss."""
+
+    def __init__(self, zero_loss_warn_steps: int = 3, stop_at_loss: float = 0.0):
+        self.zero_loss_warn_steps = zero_loss_warn_steps
+        self.stop_at_loss = stop_at_loss
+        self.zero_run = 0
+        self.warned = False
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        from ..console import info, warn
+
+        loss = (logs or {}).get("loss")
+        if loss is None:
+            return
+        self.zero_run = self.zero_run + 1 if loss == 0.0 else 0
+        if self.zero_run >= self.zero_loss_warn_steps and not self.warned:
+            self.warned = True
+            warn(f"the train loss has been exactly 0 for {self.zero_run} logs in a row (step {state.global_step}); "
+                 "this usually means no token is left in the loss (check train_on_inputs, cutoff_len and the data)")
+        if self.stop_at_loss > 0 and 0 < loss <= self.stop_at_loss:
+            info(f"train loss {loss:.4f} reached stop_at_loss={self.stop_at_loss} at step {state.global_step}; stopping")
+            control.should_training_stop = True
+
+
+class LiveProgressCallback(ProgressCallback):
+    """The Trainer's progress bar (elapsed, ETA) with step loss and tokens/s on it, instead of
+    a dict printed per log; one compact line per evaluation."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or self.training_bar is None or not logs:
+            return
+        if "loss" in logs:
+            post = {"loss": f"{logs['loss']:.4f}"}
+            if "tokens_per_s" in logs:
+                post["tok/s"] = f"{logs['tokens_per_s']:.0f}"
+            self.training_bar.set_postfix(post, refresh=True)
+        elif "eval_loss" in logs:
+            self.training_bar.write(f"step {state.global_step}: eval loss {logs['eval_loss']:.4f}")

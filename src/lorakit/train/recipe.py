@@ -6,8 +6,12 @@ clear lines, the data path with label masking, and an adapter saved verified and
 """
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
 import platform
+import re
+import resource
 import random
 import shutil
 import time
@@ -25,7 +29,10 @@ from ..data.tokenize import ExampleTokenizer
 from ..errors import ConfigError, ModelError
 from ..models.loading import (check_quantization, load_model, load_tokenizer, model_module_names,
                               quantization_config, resolve_model_path, resolve_precision)
-from .callbacks import JsonlLogCallback
+from .callbacks import (CHECKPOINT_MARKER, TRAIN_LOG, CheckpointMarkerCallback, JsonlLogCallback,
+                        LiveProgressCallback, LossGuardCallback, checkpoint_step, complete_checkpoints,
+                        incomplete_checkpoints)
+from .trainer import LorakitTrainer, TrainingDiverged
 from .save import MANIFEST, clean_stale_staging, save_verified_adapter
 
 CONFIG_RECORD = "lorakit_config.yaml"
@@ -55,17 +62,33 @@ def resolve_target_modules(cfg: TrainConfig, model_path: str, trust_remote_code:
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    if cfg.lora_target_modules == "all-linear":
-        return "all-linear"
     config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
     with init_empty_weights():
         skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     available = model_module_names(skeleton)
-    missing = [m for m in cfg.lora_target_modules if m not in available]
-    if missing:
-        raise ConfigError(f"lora_target_modules: the model has no module named {', '.join(missing)}; "
-                          f"it has {', '.join(available)} (or use all-linear)")
-    return list(cfg.lora_target_modules)
+    linear_names = [n for n, m in skeleton.named_modules()
+                    if n.rsplit(".", 1)[-1] in available and isinstance(m, torch.nn.Linear)]
+    targets = cfg.lora_target_modules
+    if targets == "all-linear":
+        adapted = linear_names
+    elif isinstance(targets, str):  # a regular expression over full module names (peft's rule)
+        adapted = [n for n in linear_names if re.fullmatch(targets, n)]
+        if not adapted:
+            raise ConfigError(f"lora_target_modules: the regular expression {targets!r} matches no linear "
+                              f"module; names look like {linear_names[0]!r}")
+    else:
+        missing = [m for m in targets if m not in available]
+        if missing:
+            raise ConfigError(f"lora_target_modules: the model has no module named {', '.join(missing)}; "
+                              f"it has {', '.join(available)} (or use all-linear)")
+        adapted = [n for n in linear_names if n.rsplit(".", 1)[-1] in targets]
+    for key in ("rank_pattern", "alpha_pattern"):
+        for pattern in getattr(cfg, key):
+            # peft's rule: the pattern matches the end of a module name, at a '.' boundary
+            if not any(re.match(rf"(.*\.)?({pattern})$", n) for n in adapted):
+                raise ConfigError(f"{key}: {pattern!r} matches no adapted module (adapted modules look like "
+                                  f"{adapted[0]!r})")
+    return targets if isinstance(targets, str) else list(targets)
 
 
 class LoraFinetune:
@@ -87,28 +110,37 @@ class LoraFinetune:
             raise ConfigError(f"batch_size ({cfg.batch_size}) must be a multiple of micro_batch_size x "
                               f"world size ({cfg.micro_batch_size} x {world_size()})")
         self.grad_accum = cfg.batch_size // per_step
-        if cfg.wandb_project:
-            try:
-                import wandb  # noqa: F401
-            except ImportError:
-                raise ConfigError("wandb_project is set but wandb is not installed (pip install wandb)") from None
+        self.report_to = list(dict.fromkeys(cfg.report_to + (["wandb"] if cfg.wandb_project else [])))
+        for backend in self.report_to:
+            if backend != "tensorboard" and importlib.util.find_spec(backend) is None:
+                key = "wandb_project" if backend == "wandb" and cfg.wandb_project else "report_to"
+                raise ConfigError(f"{key}: {backend} is not installed (pip install {backend})")
+        if cfg.early_stopping_patience and not cfg.val_set_size:
+            raise ConfigError("early_stopping_patience: needs a validation set; set val_set_size "
+                              "(a count, or a fraction below 1)")
+        if cfg.val_set_size and cfg.load_best_model_at_end and cfg.save_steps % cfg.eval_steps:
+            raise ConfigError(f"save_steps ({cfg.save_steps}) must be a multiple of eval_steps ({cfg.eval_steps}) "
+                              "so the best evaluation has a checkpoint (or set load_best_model_at_end=false)")
         self.resume = self._resolve_resume()
         if cfg.prompt_template_name != "chat":
             load_template(cfg.prompt_template_name)  # a bad name fails before the model is pulled
 
     def _resolve_resume(self):
-        from transformers.trainer_utils import get_last_checkpoint
-
+        """The checkpoint to resume from: the newest *complete* one (see CheckpointMarkerCallback)."""
         cfg, out = self.cfg, self.output_dir
         if cfg.resume_from_checkpoint is True:
-            last = get_last_checkpoint(str(out)) if out.is_dir() else None
-            if last is None:
-                raise ConfigError(f"resume_from_checkpoint: no checkpoint-N folder in {out}")
-            return last
+            complete = complete_checkpoints(out) if out.is_dir() else []
+            if not complete:
+                raise ConfigError(f"resume_from_checkpoint: no complete checkpoint-N folder in {out}")
+            return str(complete[-1])
         if isinstance(cfg.resume_from_checkpoint, str):
-            if not Path(cfg.resume_from_checkpoint).is_dir():
-                raise ConfigError(f"resume_from_checkpoint: {cfg.resume_from_checkpoint} is not a folder")
-            return cfg.resume_from_checkpoint
+            path = Path(cfg.resume_from_checkpoint)
+            if not (path / "trainer_state.json").is_file():
+                raise ConfigError(f"resume_from_checkpoint: {path} is not a checkpoint folder (no trainer_state.json)")
+            if not (path / CHECKPOINT_MARKER).is_file() and path.parent.resolve() == out.resolve():
+                raise ConfigError(f"resume_from_checkpoint: {path} was not completely written (the run died "
+                                  "while saving it); use resume_from_checkpoint=true for the last complete one")
+            return str(path)
         leftovers = [p for p in out.glob("checkpoint-*")] if out.is_dir() else []
         if (out / MANIFEST).exists() or leftovers:
             if not cfg.overwrite_output_dir:
@@ -172,9 +204,15 @@ class LoraFinetune:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.enable_input_require_grads()
         lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                          target_modules=self.target_modules, bias="none", task_type="CAUSAL_LM")
+                          target_modules=self.target_modules, bias=cfg.lora_bias, use_rslora=cfg.use_rslora,
+                          use_dora=cfg.use_dora, rank_pattern=dict(cfg.rank_pattern),
+                          alpha_pattern=dict(cfg.alpha_pattern), modules_to_save=cfg.modules_to_save or None,
+                          task_type="CAUSAL_LM")
         torch.manual_seed(cfg.seed)  # LoRA A init
-        self.model = get_peft_model(model, lora)
+        try:
+            self.model = get_peft_model(model, lora)
+        except ValueError as e:  # e.g. a modules_to_save name the model lacks
+            raise ConfigError(f"LoRA settings: {str(e).splitlines()[0][:300]}") from None
         trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in self.model.parameters())
         self.param_counts = {"trainable": trainable, "total": total}
@@ -183,11 +221,12 @@ class LoraFinetune:
 
     # 4. Trainer ------------------------------------------------------------------------------
     def setup_trainer(self) -> None:
-        from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
+        from transformers import DataCollatorForSeq2Seq, EarlyStoppingCallback, TrainingArguments
+        from transformers.trainer_callback import ProgressCallback
 
         cfg = self.cfg
         has_val = bool(self.val_features)
-        report_to = ["tensorboard"] + (["wandb"] if cfg.wandb_project else [])
+        quantized = cfg.load_in_8bit or cfg.load_in_4bit
         if cfg.wandb_project:
             os.environ.setdefault("WANDB_PROJECT", cfg.wandb_project)
         warmup = cfg.warmup_steps if cfg.warmup_steps > 0 else cfg.warmup_ratio
@@ -212,10 +251,15 @@ class LoraFinetune:
             save_strategy="steps",
             save_steps=cfg.save_steps,
             save_total_limit=cfg.save_total_limit,
+            load_best_model_at_end=has_val and cfg.load_best_model_at_end,
+            metric_for_best_model="eval_loss" if has_val else None,
+            greater_is_better=False if has_val else None,
+            # QLoRA: the paged 8-bit AdamW keeps optimizer state small and survives memory spikes
+            optim="paged_adamw_8bit" if quantized else "adamw_torch",
             seed=cfg.seed,
             data_seed=cfg.seed,
             train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
-            report_to=report_to,
+            report_to=self.report_to,
             run_name=cfg.wandb_run_name or None,
             dataloader_num_workers=0,
             ddp_find_unused_parameters=False if world_size() > 1 else None,
@@ -224,30 +268,52 @@ class LoraFinetune:
         )
         collator = DataCollatorForSeq2Seq(self.tokenizer, padding=True, pad_to_multiple_of=8,
                                           label_pad_token_id=-100, return_tensors="pt")
-        self.trainer = Trainer(model=self.model, args=args, train_dataset=self.train_features,
-                               eval_dataset=self.val_features or None, data_collator=collator,
-                               callbacks=[JsonlLogCallback(self.output_dir)])
+        callbacks = [JsonlLogCallback(self.output_dir), CheckpointMarkerCallback(),
+                     LossGuardCallback(cfg.zero_loss_warn_steps, cfg.stop_at_loss)]
+        if has_val and cfg.early_stopping_patience:
+            callbacks.append(EarlyStoppingCallback(cfg.early_stopping_patience, cfg.early_stopping_threshold))
+        self.trainer = LorakitTrainer(model=self.model, args=args, train_dataset=self.train_features,
+                                      eval_dataset=self.val_features or None, data_collator=collator,
+                                      callbacks=callbacks)
+        if is_main_process():
+            self.trainer.remove_callback(ProgressCallback)
+            self.trainer.add_callback(LiveProgressCallback())
 
     # 5. Train --------------------------------------------------------------------------------
     def train(self) -> None:
         t0 = time.time()
-        result = self.trainer.train(resume_from_checkpoint=self.resume)
+        try:
+            result = self.trainer.train(resume_from_checkpoint=self.resume)
+        except TrainingDiverged as e:
+            good = complete_checkpoints(self.output_dir)
+            keep = (f"the last good checkpoint is {good[-1]}; lower learning_rate (or check the data) "
+                    "and resume with resume_from_checkpoint=true" if good else
+                    "no checkpoint was written yet; lower learning_rate or check the data")
+            raise TrainingDiverged(f"{e}; {keep}") from None
         self.wall_s = time.time() - t0
         self.train_loss = result.training_loss
+        state = self.trainer.state
         self.eval_loss = None
         if self.val_features:
-            last = [h for h in self.trainer.state.log_history if "eval_loss" in h]
-            if last and last[-1].get("step") == self.trainer.state.global_step:
-                self.eval_loss = last[-1]["eval_loss"]  # already evaluated at the final step
+            # the adapter that is saved: the best one when load_best_model_at_end loaded it
+            evals = [h for h in state.log_history if "eval_loss" in h]
+            if self.trainer.args.load_best_model_at_end and state.best_metric is not None:
+                self.eval_loss = state.best_metric
+            elif evals and evals[-1].get("step") == state.global_step:
+                self.eval_loss = evals[-1]["eval_loss"]  # already evaluated at the final step
             else:
                 self.eval_loss = self.trainer.evaluate()["eval_loss"]
+        self.peak_memory_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+        if torch.cuda.is_available():
+            self.peak_memory_mib = torch.cuda.max_memory_allocated() / 2**20
 
     # 6. Save, verified -------------------------------------------------------------------------
     def save(self) -> dict:
         cfg = self.cfg
         state = self.trainer.state
         epochs = state.epoch or 0.0
-        tokens_seen = int(self.train_tokens * epochs)
+        tokens_seen = int(self.train_tokens * epochs)  # over the whole run, resumed parts included
+        this_run_tokens = self.trainer.tokens_seen * world_size()
         manifest = {
             "lorakit_version": __version__,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -264,8 +330,12 @@ class LoraFinetune:
                      "target_modules": self.target_modules},
             "training": {"global_steps": state.global_step, "epochs": round(epochs, 4),
                          "train_loss": self.train_loss, "eval_loss": self.eval_loss,
+                         "best_checkpoint": state.best_model_checkpoint,
+                         "resumed_from": self.resume,
                          "wall_s": round(self.wall_s, 1), "tokens_seen": tokens_seen,
-                         "tokens_per_s": round(tokens_seen / self.wall_s, 1) if self.wall_s else None},
+                         "tokens_per_s": round(this_run_tokens / self.wall_s, 1) if self.wall_s else None,
+                         "peak_memory_mib": round(self.peak_memory_mib, 1),
+                         "peak_memory_kind": "cuda_allocated" if torch.cuda.is_available() else "process_rss"},
             "libraries": library_versions(),
         }
         if not self.trainer.is_world_process_zero():
@@ -274,6 +344,18 @@ class LoraFinetune:
         extra = {CONFIG_RECORD: dump_config(cfg),
                  "lorakit_template.json": _template_json(self.template)}
         return save_verified_adapter(self.model, self.tokenizer, self.output_dir, extra, probe, manifest)
+
+    def _rewind_to(self, checkpoint: str) -> None:
+        """Resuming: drop what the killed run wrote after the checkpoint (half-written
+        checkpoints, log lines of steps that will be trained again)."""
+        step = checkpoint_step(Path(checkpoint))
+        for stale in incomplete_checkpoints(self.output_dir):
+            shutil.rmtree(stale, ignore_errors=True)
+        log = self.output_dir / TRAIN_LOG
+        if log.is_file():
+            kept = [line for line in log.read_text(encoding="utf-8").splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= step]
+            log.write_text("".join(x + "\n" for x in kept), encoding="utf-8")
 
     def run(self) -> dict:
         self.check()
@@ -284,21 +366,24 @@ class LoraFinetune:
             if self.cfg.overwrite_output_dir and self.resume is None:
                 for old in self.output_dir.glob("checkpoint-*"):
                     shutil.rmtree(old, ignore_errors=True)
-                (self.output_dir / "train_log.jsonl").unlink(missing_ok=True)
+                (self.output_dir / TRAIN_LOG).unlink(missing_ok=True)
+            if self.resume is not None:
+                self._rewind_to(self.resume)
             (self.output_dir / CONFIG_RECORD).write_text(dump_config(self.cfg), encoding="utf-8")
         self.setup_model()
         self.setup_trainer()
         self.train()
         manifest = self.save()
         t = manifest["training"]
-        info(f"done: {t['global_steps']} steps in {t['wall_s']}s, train loss {t['train_loss']:.4f}"
-             + (f", eval loss {t['eval_loss']:.4f}" if t["eval_loss"] is not None else "")
-             + f", ~{t['tokens_per_s']} tokens/s. Adapter verified and saved to {self.output_dir}")
+        info(f"done: {t['global_steps']} steps in {t['wall_s']}s, {t['tokens_seen']:,} tokens seen, "
+             f"{t['tokens_per_s']} tokens/s, peak memory {t['peak_memory_mib']:.0f} MiB; train loss "
+             f"{t['train_loss']:.4f}" + (f", eval loss {t['eval_loss']:.4f}" if t["eval_loss"] is not None else "")
+             + (f" (best: {Path(t['best_checkpoint']).name})" if t.get("best_checkpoint") else "")
+             + f". Adapter verified and saved to {self.output_dir}")
         return manifest
 
 
 def _template_json(template: PromptTemplate) -> str:
-    import json
     return json.dumps(template.to_record(), indent=2, ensure_ascii=False) + "\n"
 
 

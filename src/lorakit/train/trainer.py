@@ -1,0 +1,78 @@
+"""transformers.Trainer plus the few things lorakit needs at every step.
+
+- A NaN or inf loss stops the run before the optimizer applies the bad gradients, so the
+  checkpoints already written stay good.
+- Real (non-padding) tokens are counted, so tokens/s means work done, not padding.
+- Every training log carries tokens/s and a summary of the LoRA weights' norms.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+from transformers import Trainer
+
+from ..errors import LorakitError
+
+
+class TrainingDiverged(LorakitError):
+    """The loss became NaN or inf."""
+
+    exit_code = 1
+
+
+def lora_norms(model) -> dict[str, tuple[float, float, float]]:
+    """Per adapted layer: (||A||, ||B||, ||scaling * B·A||), Frobenius norms.
+
+    ||B·A||_F is computed from the r x r Gram matrices, trace((BᵀB)(AAᵀ)), so the full
+    out x in update is never built.
+    """
+    norms = {}
+    for name, module in model.named_modules():
+        lora_a, lora_b = getattr(module, "lora_A", None), getattr(module, "lora_B", None)
+        if not isinstance(lora_a, torch.nn.ModuleDict) or "default" not in lora_a:
+            continue
+        a = lora_a["default"].weight.detach().float()
+        b = lora_b["default"].weight.detach().float()
+        scaling = module.scaling.get("default", 1.0) if hasattr(module, "scaling") else 1.0
+        ba_sq = ((b.T @ b) * (a @ a.T)).sum().clamp_min(0)
+        norms[name.removeprefix("base_model.model.")] = (
+            float(a.norm()), float(b.norm()), float(scaling * ba_sq.sqrt()))
+    return norms
+
+
+class LorakitTrainer(Trainer):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.tokens_seen = 0  # real tokens this process trained on since it started
+        self._last_log = (time.perf_counter(), 0)
+        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
+
+    def train(self, *args, **kwargs):
+        self._last_log = (time.perf_counter(), self.tokens_seen)
+        return super().train(*args, **kwargs)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        mask = inputs.get("attention_mask")
+        # padding-free (packed) batches carry no attention_mask: every token is real
+        self.tokens_seen += int(mask.sum()) if mask is not None else int(inputs["input_ids"].numel())
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if not torch.isfinite(loss).all():
+            step = self.state.global_step + 1
+            raise TrainingDiverged(f"the training loss became {float(loss)} at step {step}; "
+                                   "the run stopped before applying it")
+        return loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:  # a training log (not eval, not the end-of-training summary)
+            now, tokens = time.perf_counter(), self.tokens_seen
+            t_prev, tok_prev = self._last_log
+            if now > t_prev:
+                logs["tokens_per_s"] = round((tokens - tok_prev) * self.world_size / (now - t_prev), 1)
+            self._last_log = (now, tokens)
+            norms = lora_norms(self.model)
+            if norms:
+                for i, key in enumerate(("lora_A_norm", "lora_B_norm", "lora_BA_norm")):
+                    logs[key] = round(sum(v[i] for v in norms.values()) / len(norms), 6)
+        super().log(logs, start_time)
