@@ -108,3 +108,29 @@ def test_relative_base_model_is_found_from_another_directory(tiny_model_dir, tmp
     train(cfg_for(tiny_model_dir.name, tmp_path))
     monkeypatch.chdir(tmp_path)
     assert Path(recorded_base_model(tmp_path / "out")) == tiny_model_dir.resolve()
+
+
+def test_verification_catches_a_corrupted_file_and_keeps_live_weights(tiny_model_dir, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                           LoraConfig(r=4, target_modules=["q_proj"], task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_()
+    model.save_pretrained(tmp_path / "a")
+    probe = torch.tensor([[1, 2, 3, 4]])
+    assert verify_adapter(model, tmp_path / "a", probe)["max_logit_diff"] == 0.0
+    weights = load_file(str(tmp_path / "a" / "adapter_model.safetensors"))
+    name = next(k for k in weights if "lora_B" in k)
+    weights[name] = weights[name] + 1.0
+    save_file(weights, str(tmp_path / "a" / "adapter_model.safetensors"))
+    model.eval()
+    with torch.no_grad():
+        before = model(input_ids=probe).logits
+    with pytest.raises(AdapterVerificationError, match="does not reproduce"):
+        verify_adapter(model, tmp_path / "a", probe)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=probe).logits, before)

@@ -275,6 +275,7 @@ class LoraFinetune:
         self.trainer = LorakitTrainer(model=self.model, args=args, train_dataset=self.train_features,
                                       eval_dataset=self.val_features or None, data_collator=collator,
                                       callbacks=callbacks)
+        self.trainer.lora_norms_steps = cfg.lora_norms_steps
         if is_main_process():
             self.trainer.remove_callback(ProgressCallback)
             self.trainer.add_callback(LiveProgressCallback())

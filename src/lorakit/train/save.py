@@ -24,7 +24,6 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 MANIFEST = "manifest.json"
 STAGING_PREFIX = ".saving-"
-VERIFY_ADAPTER = "lorakit_verify"
 
 
 class AdapterVerificationError(LorakitError):
@@ -68,22 +67,37 @@ def verify_adapter(model, folder: Path, probe_ids: torch.Tensor, atol: float = 1
             f"{weights_file}: every lora_B weight is zero, so the adapter changes nothing; "
             "training did not update it (check learning_rate, max_steps and the data)")
 
-    # Logits: saved adapter loaded back vs the in-memory one, in fp32, no dropout.
+    # The config, read back as peft reads it, must describe the in-memory adapter.
+    from peft import PeftConfig, get_peft_model_state_dict, set_peft_model_state_dict
+    saved_cfg = PeftConfig.from_pretrained(str(folder)).to_dict()
+    live_cfg = model.peft_config["default"].to_dict()
+    for key in ("r", "lora_alpha", "target_modules", "bias", "use_rslora", "use_dora",
+                "rank_pattern", "alpha_pattern", "modules_to_save"):
+        a, b = saved_cfg.get(key), live_cfg.get(key)
+        if isinstance(a, (list, set)) and isinstance(b, (list, set)):
+            a, b = sorted(a), sorted(b)
+        if a != b:
+            raise AdapterVerificationError(f"{folder / ADAPTER_CONFIG}: {key} is {a!r} but the trained adapter has {b!r}")
+
+    # Logits: the saved tensors loaded into the adapter (peft's own loading code) must give the
+    # in-memory model's logits; fp32, no dropout. The live weights are restored whatever happens.
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     probe_ids = probe_ids.to(device)
+    live = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
     try:
-        model.load_adapter(str(folder), adapter_name=VERIFY_ADAPTER)
         with torch.no_grad(), torch.autocast(device.type, enabled=False):
-            model.set_adapter("default")
             ref = model(input_ids=probe_ids).logits.float()
-            model.set_adapter(VERIFY_ADAPTER)
+            result = set_peft_model_state_dict(model, saved)
+            missing = [k for k in getattr(result, "missing_keys", []) if "lora_" in k or "modules_to_save" in k]
+            if getattr(result, "unexpected_keys", None) or missing:
+                raise AdapterVerificationError(
+                    f"{weights_file}: tensor names do not match the model "
+                    f"(unexpected {list(result.unexpected_keys)[:3]}, missing {missing[:3]})")
             got = model(input_ids=probe_ids).logits.float()
     finally:
-        model.set_adapter("default")
-        if VERIFY_ADAPTER in model.peft_config:
-            model.delete_adapter(VERIFY_ADAPTER)
+        set_peft_model_state_dict(model, live)
         model.train(was_training)
     diff = float((ref - got).abs().max())
     if not diff <= atol:

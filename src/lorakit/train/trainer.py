@@ -48,6 +48,7 @@ class LorakitTrainer(Trainer):
         self.tokens_seen = 0  # real tokens this process trained on since it started
         self._last_log = (time.perf_counter(), 0)
         self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        self.lora_norms_steps = 0  # per-layer norms to TensorBoard every N steps (0 = every log)
 
     def train(self, *args, **kwargs):
         self._last_log = (time.perf_counter(), self.tokens_seen)
@@ -75,4 +76,24 @@ class LorakitTrainer(Trainer):
             if norms:
                 for i, key in enumerate(("lora_A_norm", "lora_B_norm", "lora_BA_norm")):
                     logs[key] = round(sum(v[i] for v in norms.values()) / len(norms), 6)
+                every = self.lora_norms_steps
+                if not every or self.state.global_step % every == 0:
+                    self._per_layer_norms_to_tensorboard(norms)
         super().log(logs, start_time)
+
+    def _per_layer_norms_to_tensorboard(self, norms) -> None:
+        """One scalar per adapted layer and matrix, written with the Trainer's own TensorBoard
+        writer (so they sit in the same run as loss and learning rate)."""
+        from transformers.integrations import TensorBoardCallback
+
+        if not self.is_world_process_zero():
+            return
+        tb = next((cb for cb in self.callback_handler.callbacks if isinstance(cb, TensorBoardCallback)), None)
+        writer = getattr(tb, "tb_writer", None)
+        if writer is None:
+            return
+        step = self.state.global_step
+        for layer, (a, b, ba) in norms.items():
+            writer.add_scalar(f"lora_norms/{layer}/A", a, step)
+            writer.add_scalar(f"lora_norms/{layer}/B", b, step)
+            writer.add_scalar(f"lora_norms/{layer}/BA", ba, step)
