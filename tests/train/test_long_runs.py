@@ -151,3 +151,16 @@ def test_bad_patterns_fail_in_one_line(tiny_model_dir, tmp_path):
         LoraFinetune(cfg_for(tiny_model_dir, tmp_path, lora_target_modules=r"nothing\..*")).run()
     with pytest.raises(ConfigError, match="rank_pattern: 'k_proj' matches no adapted module"):
         LoraFinetune(cfg_for(tiny_model_dir, tmp_path, rank_pattern={"k_proj": 4})).run()
+
+
+def test_packed_training_matches_padded(tiny_model_dir, tmp_path):
+    """Same examples, same steps: packing changes the batch layout, not what is learned."""
+    common = dict(max_steps=3, val_set_size=4, save_steps=100, eval_steps=100, lora_dropout=0.0,
+                  learning_rate=1e-3, load_best_model_at_end=False)
+    padded = train(cfg_for(tiny_model_dir, tmp_path / "a", output_dir=str(tmp_path / "a" / "out"), **common))
+    packed = train(cfg_for(tiny_model_dir, tmp_path / "b", output_dir=str(tmp_path / "b" / "out"), packing=True, **common))
+    assert packed["training"]["train_loss"] == pytest.approx(padded["training"]["train_loss"], abs=1e-4)
+    assert packed["training"]["eval_loss"] == pytest.approx(padded["training"]["eval_loss"], abs=1e-4)
+    a = load_file(str(tmp_path / "a" / "out" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "b" / "out" / "adapter_model.safetensors"))
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-4

@@ -15,6 +15,7 @@ from lorakit.train.save import AdapterVerificationError, verify_adapter
 
 
 def make_data(folder, n=24):
+    folder.mkdir(parents=True, exist_ok=True)
     path = folder / "data.json"
     path.write_text(json.dumps([{"instruction": f"What is {i} plus {i}?", "input": "", "output": str(2 * i)}
                                 for i in range(n)]))

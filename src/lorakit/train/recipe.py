@@ -23,6 +23,7 @@ import torch
 from .. import __version__
 from ..config import TrainConfig, dump_config
 from ..console import info, warn
+from ..data.collate import build_collator, require_packing
 from ..data.loader import load_examples
 from ..data.templates import PromptTemplate, load_template
 from ..data.tokenize import ExampleTokenizer
@@ -213,6 +214,8 @@ class LoraFinetune:
             self.model = get_peft_model(model, lora)
         except ValueError as e:  # e.g. a modules_to_save name the model lacks
             raise ConfigError(f"LoRA settings: {str(e).splitlines()[0][:300]}") from None
+        if cfg.packing:
+            require_packing(self.model)  # proves packed examples stay isolated, or stops in one line
         trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in self.model.parameters())
         self.param_counts = {"trainable": trainable, "total": total}
@@ -221,7 +224,7 @@ class LoraFinetune:
 
     # 4. Trainer ------------------------------------------------------------------------------
     def setup_trainer(self) -> None:
-        from transformers import DataCollatorForSeq2Seq, EarlyStoppingCallback, TrainingArguments
+        from transformers import EarlyStoppingCallback, TrainingArguments
         from transformers.trainer_callback import ProgressCallback
 
         cfg = self.cfg
@@ -263,11 +266,13 @@ class LoraFinetune:
             run_name=cfg.wandb_run_name or None,
             dataloader_num_workers=0,
             ddp_find_unused_parameters=False if world_size() > 1 else None,
+            # the loss is divided by the token count of the whole global batch (all processes),
+            # so N processes train the same adapter as 1 process with the same batch_size
+            average_tokens_across_devices=True,
             remove_unused_columns=False,
             disable_tqdm=not is_main_process(),  # the progress bar with ETA, whatever the log level
         )
-        collator = DataCollatorForSeq2Seq(self.tokenizer, padding=True, pad_to_multiple_of=8,
-                                          label_pad_token_id=-100, return_tensors="pt")
+        collator = build_collator(self.tokenizer, cfg.packing)
         callbacks = [JsonlLogCallback(self.output_dir), CheckpointMarkerCallback(),
                      LossGuardCallback(cfg.zero_loss_warn_steps, cfg.stop_at_loss)]
         if has_val and cfg.early_stopping_patience:
