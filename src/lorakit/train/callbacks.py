@@ -56,6 +56,10 @@ class CheckpointMarkerCallback(TrainerCallback):
     checkpoint without this marker."""
 
     def on_save(self, args, state, control, **kwargs):
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()  # every rank has written its part (its RNG state) before the marker
         if not state.is_world_process_zero:
             return
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"

@@ -59,11 +59,29 @@ class LorakitTrainer(Trainer):
         # padding-free (packed) batches carry no attention_mask: every token is real
         self.tokens_seen += int(mask.sum()) if mask is not None else int(inputs["input_ids"].numel())
         loss = super().training_step(model, inputs, num_items_in_batch)
-        if not torch.isfinite(loss).all():
+        bad = torch.tensor(0.0 if torch.isfinite(loss).all() else 1.0)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # every rank stops together: one rank's NaN poisons the all-reduced gradients too
+            bad = bad.to(loss.device)
+            torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+        if bad.item() > 0:
             step = self.state.global_step + 1
-            raise TrainingDiverged(f"the training loss became {float(loss)} at step {step}; "
+            raise TrainingDiverged(f"the training loss became {'nan or inf' if torch.isfinite(loss).all() else float(loss)} "
+                                   f"at step {step}; "
                                    "the run stopped before applying it")
         return loss
+
+    def _get_train_sampler(self, train_dataset=None):
+        """group_by_length with windows sized by the *global* batch, so N processes see the same
+        examples per optimizer step as 1 process (transformers sizes them per process)."""
+        from transformers.trainer_pt_utils import LengthGroupedSampler
+
+        ds = train_dataset if train_dataset is not None else self.train_dataset
+        a = self.args
+        if a.train_sampling_strategy == "group_by_length" and ds is not None and hasattr(ds, "__len__"):
+            return LengthGroupedSampler(a.per_device_train_batch_size * a.gradient_accumulation_steps * a.world_size,
+                                        lengths=[len(f["input_ids"]) for f in ds])
+        return super()._get_train_sampler(train_dataset)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:  # a training log (not eval, not the end-of-training summary)
