@@ -135,3 +135,16 @@ def test_verification_catches_a_corrupted_file_and_keeps_live_weights(tiny_model
         verify_adapter(model, tmp_path / "a", probe)
     with torch.no_grad():
         assert torch.equal(model(input_ids=probe).logits, before)
+
+
+def test_sharded_save_path_writes_a_checked_adapter(tiny_model_dir, tmp_path, monkeypatch):
+    """ZeRO-3/FSDP save through Trainer.save_model (here on one process, the same code path)."""
+    monkeypatch.setattr(LoraFinetune, "sharded", lambda self: True)
+    manifest = train(cfg_for(tiny_model_dir, tmp_path))
+    out = tmp_path / "out"
+    assert manifest["verification"]["max_logit_diff"] is None and manifest["verification"]["tensors"] == 8
+    assert (out / "adapter_model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+    assert not list(out.glob(".saving-*")) and not (out / "training_args.bin").exists()
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(out))

@@ -34,7 +34,7 @@ from .callbacks import (CHECKPOINT_MARKER, TRAIN_LOG, CheckpointMarkerCallback, 
                         LiveProgressCallback, LossGuardCallback, checkpoint_step, complete_checkpoints,
                         incomplete_checkpoints)
 from .trainer import LorakitTrainer, TrainingDiverged
-from .save import MANIFEST, clean_stale_staging, save_verified_adapter
+from .save import MANIFEST, STAGING_PREFIX, clean_stale_staging, save_verified_adapter
 
 CONFIG_RECORD = "lorakit_config.yaml"
 
@@ -344,12 +344,33 @@ class LoraFinetune:
                          "peak_memory_kind": "cuda_allocated" if torch.cuda.is_available() else "process_rss"},
             "libraries": library_versions(),
         }
+        extra = {CONFIG_RECORD: dump_config(cfg),
+                 "lorakit_template.json": _template_json(self.template)}
+        if self.sharded():
+            # ZeRO-3 / FSDP: each process holds a shard. Trainer.save_model gathers the full
+            # adapter (a collective call on every process) and rank 0 writes it; rank 0 then
+            # checks the files (the logits check needs the whole model in one process).
+            staging = self.output_dir / f"{STAGING_PREFIX}sharded"
+            if self.trainer.is_world_process_zero():
+                shutil.rmtree(staging, ignore_errors=True)
+            self.trainer.accelerator.wait_for_everyone()
+            self.trainer.save_model(str(staging))
+            if not self.trainer.is_world_process_zero():
+                return manifest
+            (staging / "training_args.bin").unlink(missing_ok=True)  # a pickle; the YAML config says it all
+            warn("the model is sharded (ZeRO-3/FSDP): the saved adapter's files were checked, "
+                 "its logits were not compared with the trained model")
+            return save_verified_adapter(self.model, self.tokenizer, self.output_dir, extra, None, manifest,
+                                         staging=staging)
         if not self.trainer.is_world_process_zero():
             return manifest
         probe = torch.tensor([self.train_features[0]["input_ids"][:32]])
-        extra = {CONFIG_RECORD: dump_config(cfg),
-                 "lorakit_template.json": _template_json(self.template)}
         return save_verified_adapter(self.model, self.tokenizer, self.output_dir, extra, probe, manifest)
+
+    def sharded(self) -> bool:
+        """Whether the weights are split over processes (DeepSpeed ZeRO-3 or FSDP)."""
+        from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+        return bool(getattr(self.trainer, "is_fsdp_enabled", False)) or is_deepspeed_zero3_enabled()
 
     def _rewind_to(self, checkpoint: str) -> None:
         """Resuming: drop what the killed run wrote after the checkpoint (half-written

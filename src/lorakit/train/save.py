@@ -46,8 +46,11 @@ def _lora_state(model) -> dict[str, torch.Tensor]:
     return {n: p for n, p in model.named_parameters() if "lora_" in n}
 
 
-def verify_adapter(model, folder: Path, probe_ids: torch.Tensor, atol: float = 1e-4) -> dict:
-    """Check the adapter saved in ``folder`` against the in-memory peft ``model``."""
+def verify_adapter(model, folder: Path, probe_ids: torch.Tensor | None, atol: float = 1e-4) -> dict:
+    """Check the adapter saved in ``folder`` against the in-memory peft ``model``.
+
+    ``probe_ids=None`` skips the logits comparison: for a model sharded over processes
+    (ZeRO-3, FSDP), where no single process holds the weights to compare with."""
     weights_file = folder / ADAPTER_WEIGHTS
     if not weights_file.is_file() or not (folder / ADAPTER_CONFIG).is_file():
         raise AdapterVerificationError(f"{folder}: adapter files were not written")
@@ -79,6 +82,9 @@ def verify_adapter(model, folder: Path, probe_ids: torch.Tensor, atol: float = 1
         if a != b:
             raise AdapterVerificationError(f"{folder / ADAPTER_CONFIG}: {key} is {a!r} but the trained adapter has {b!r}")
 
+    if probe_ids is None:
+        return {"tensors": len(saved), "max_logit_diff": None, "size_bytes": weights_file.stat().st_size}
+
     # Logits: the saved tensors loaded into the adapter (peft's own loading code) must give the
     # in-memory model's logits; fp32, no dropout. The live weights are restored whatever happens.
     was_training = model.training
@@ -108,14 +114,20 @@ def verify_adapter(model, folder: Path, probe_ids: torch.Tensor, atol: float = 1
 
 
 def save_verified_adapter(model, tokenizer, output_dir: Path, extra_files: dict[str, str],
-                          probe_ids: torch.Tensor, manifest: dict) -> dict:
-    """Save adapter + tokenizer + extra text files into output_dir, verified and atomic."""
+                          probe_ids: torch.Tensor | None, manifest: dict, staging: Path | None = None) -> dict:
+    """Save adapter + tokenizer + extra text files into output_dir, verified and atomic.
+
+    With ``staging`` given, the adapter files are already there (written collectively by
+    Trainer.save_model for a sharded model); otherwise the in-memory model writes them."""
     output_dir = Path(output_dir)
-    staging = output_dir / f"{STAGING_PREFIX}{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
+    prewritten = staging is not None
+    if not prewritten:
+        staging = output_dir / f"{STAGING_PREFIX}{os.getpid()}"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
     try:
-        model.save_pretrained(str(staging))
+        if not prewritten:
+            model.save_pretrained(str(staging))
         tokenizer.save_pretrained(str(staging))
         for name, text in extra_files.items():
             (staging / name).write_text(text, encoding="utf-8")

@@ -90,7 +90,7 @@ class LorakitTrainer(Trainer):
             if now > t_prev:
                 logs["tokens_per_s"] = round((tokens - tok_prev) * self.world_size / (now - t_prev), 1)
             self._last_log = (now, tokens)
-            norms = lora_norms(self.model)
+            norms = {} if self._sharded() else lora_norms(self.model)  # a shard's norms mean nothing
             if norms:
                 for i, key in enumerate(("lora_A_norm", "lora_B_norm", "lora_BA_norm")):
                     logs[key] = round(sum(v[i] for v in norms.values()) / len(norms), 6)
@@ -98,6 +98,10 @@ class LorakitTrainer(Trainer):
                 if not every or self.state.global_step % every == 0:
                     self._per_layer_norms_to_tensorboard(norms)
         super().log(logs, start_time)
+
+    def _sharded(self) -> bool:
+        from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+        return bool(getattr(self, "is_fsdp_enabled", False)) or is_deepspeed_zero3_enabled()
 
     def _per_layer_norms_to_tensorboard(self, norms) -> None:
         """One scalar per adapted layer and matrix, written with the Trainer's own TensorBoard
