@@ -148,3 +148,11 @@ def test_sharded_save_path_writes_a_checked_adapter(tiny_model_dir, tmp_path, mo
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
     PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(out))
+
+
+def test_bf16_training_keeps_fp32_adapter_and_verifies(tiny_model_dir, tmp_path):
+    """bf16: frozen base stored in bf16, LoRA weights fp32, verification after training passes."""
+    manifest = train(cfg_for(tiny_model_dir, tmp_path, precision="bf16"))
+    assert manifest["precision"] == "bf16" and manifest["verification"]["max_logit_diff"] <= 1e-4
+    weights = load_file(str(tmp_path / "out" / "adapter_model.safetensors"))
+    assert all(t.dtype == torch.float32 for t in weights.values())

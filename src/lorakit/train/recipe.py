@@ -92,6 +92,14 @@ def resolve_target_modules(cfg: TrainConfig, model_path: str, trust_remote_code:
     return targets if isinstance(targets, str) else list(targets)
 
 
+def set_lora_input_cast(model, enabled: bool) -> None:
+    """peft's per-layer switch for casting inputs to the LoRA weights' dtype."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.cast_input_dtype_enabled = enabled
+
+
 class LoraFinetune:
     """One training run. ``run()`` calls the steps in order."""
 
@@ -194,8 +202,11 @@ class LoraFinetune:
         quantized = cfg.load_in_8bit or cfg.load_in_4bit
         compute_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision, torch.float32)
         qconfig = quantization_config(cfg.load_in_8bit, cfg.load_in_4bit, compute_dtype)
-        # Frozen base and LoRA weights stay fp32; bf16/fp16 run as autocast inside the Trainer.
-        model = load_model(self.model_path, dtype=torch.float32, load_in_8bit=cfg.load_in_8bit,
+        # The frozen base is stored in the training precision (bf16/fp16): autocast would otherwise
+        # re-cast every frozen fp32 weight at every step, and it halves the memory. The LoRA
+        # weights and the optimizer stay fp32 (peft keeps adapter weights fp32).
+        base_dtype = compute_dtype if not quantized else torch.float32
+        model = load_model(self.model_path, dtype=base_dtype, load_in_8bit=cfg.load_in_8bit,
                            load_in_4bit=cfg.load_in_4bit, trust_remote_code=cfg.trust_remote_code,
                            bnb_config=qconfig, device_map={"": int(os.environ.get("LOCAL_RANK", 0))} if quantized else None)
         model.config.use_cache = False
@@ -214,6 +225,11 @@ class LoraFinetune:
             self.model = get_peft_model(model, lora)
         except ValueError as e:  # e.g. a modules_to_save name the model lacks
             raise ConfigError(f"LoRA settings: {str(e).splitlines()[0][:300]}") from None
+        if base_dtype != torch.float32:
+            # peft casts each bf16 activation to the fp32 LoRA weights' dtype before the LoRA
+            # path (a copy per layer, and dropout in fp32). Under autocast the LoRA matmuls run in
+            # bf16 anyway, so skip the cast while training; restored before saving/verifying.
+            set_lora_input_cast(self.model, enabled=False)
         if cfg.packing:
             require_packing(self.model)  # proves packed examples stay isolated, or stops in one line
         trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
@@ -258,7 +274,7 @@ class LoraFinetune:
             metric_for_best_model="eval_loss" if has_val else None,
             greater_is_better=False if has_val else None,
             # QLoRA: the paged 8-bit AdamW keeps optimizer state small and survives memory spikes
-            optim="paged_adamw_8bit" if quantized else "adamw_torch",
+            optim="paged_adamw_8bit" if quantized else "adamw_torch_fused",
             seed=cfg.seed,
             data_seed=cfg.seed,
             train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
@@ -291,12 +307,14 @@ class LoraFinetune:
         try:
             result = self.trainer.train(resume_from_checkpoint=self.resume)
         except TrainingDiverged as e:
+            set_lora_input_cast(self.model, enabled=True)
             good = complete_checkpoints(self.output_dir)
             keep = (f"the last good checkpoint is {good[-1]}; lower learning_rate (or check the data) "
                     "and resume with resume_from_checkpoint=true" if good else
                     "no checkpoint was written yet; lower learning_rate or check the data")
             raise TrainingDiverged(f"{e}; {keep}") from None
         self.wall_s = time.time() - t0
+        set_lora_input_cast(self.model, enabled=True)
         self.train_loss = result.training_loss
         state = self.trainer.state
         self.eval_loss = None

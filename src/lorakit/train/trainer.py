@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import os
 import time
+from contextlib import contextmanager
 
 import torch
 from transformers import Trainer
 
 from ..errors import LorakitError
+from .loss import linear_cross_entropy_sum
 
 
 class TrainingDiverged(LorakitError):
@@ -42,9 +44,22 @@ def lora_norms(model) -> dict[str, tuple[float, float, float]]:
     return norms
 
 
+@contextmanager
+def _head_as_identity(model):
+    """Temporarily make the output head return its input (the normed hidden states)."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = inner.get_output_embeddings()
+    inner.set_output_embeddings(torch.nn.Identity())
+    try:
+        yield
+    finally:
+        inner.set_output_embeddings(head)
+
+
 class LorakitTrainer(Trainer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        self.loss_is_scaled_for_ga = True  # compute_loss normalises over the whole accumulated batch
         self.tokens_seen = 0  # real tokens this process trained on since it started
         self._last_log = (time.perf_counter(), 0)
         self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -53,6 +68,58 @@ class LorakitTrainer(Trainer):
     def train(self, *args, **kwargs):
         self._last_log = (time.perf_counter(), self.tokens_seen)
         return super().train(*args, **kwargs)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """Causal-LM loss with logits only where they are needed.
+
+        The output head (vocabulary x hidden) and the softmax over the vocabulary are a large
+        share of a small model's step and of its memory; with the prompt masked, about half of
+        the positions carry no label. So the model is asked for logits only at the positions
+        whose next token is trained (``logits_to_keep`` with indices), and the cross-entropy is
+        summed there. The normalisation is the Trainer's: the trained-token count of the whole
+        global batch (num_items_in_batch), else this micro-batch's.
+        """
+        labels = inputs.get("labels")
+        if return_outputs or labels is None or not self.model.training:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        inputs = {k: v for k, v in inputs.items() if k != "labels"}
+        mask = inputs.get("attention_mask")
+        if mask is not None and bool((mask[:, 1:] <= mask[:, :-1]).all()):
+            # Right padding only: under the causal mask no real token can see a pad token, so the
+            # padding mask changes nothing the loss reads, and without it attention takes the
+            # plain causal path (no mask tensor built). Pad positions carry no labels.
+            inputs.pop("attention_mask")
+        next_labels = labels[:, 1:]
+        keep = (next_labels != -100).any(dim=0).nonzero().squeeze(1)
+        if keep.numel() == 0:  # nothing trained in this micro-batch
+            keep = torch.zeros(1, dtype=torch.long, device=labels.device)
+        targets = next_labels[:, keep]
+        head = self._frozen_head()
+        if head is not None and os.environ.get("LORAKIT_EXPERIMENT_FUSED_CE"):
+            # the model returns the normed hidden states at the kept positions; the head and
+            # the cross-entropy run fused, chunk by chunk (see loss.py)
+            with _head_as_identity(self.accelerator.unwrap_model(model)):
+                hidden = model(**inputs, logits_to_keep=keep).logits
+            loss = linear_cross_entropy_sum(hidden.reshape(-1, hidden.shape[-1]), head.weight, targets.reshape(-1))
+        else:
+            logits = model(**inputs, logits_to_keep=keep).logits
+            loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
+                                                     targets.reshape(-1), ignore_index=-100, reduction="sum")
+        if num_items_in_batch is not None:
+            loss = loss / num_items_in_batch
+            if self.args.average_tokens_across_devices and self.args.world_size > 1:
+                loss = loss * self.args.world_size  # DDP averages gradients over processes
+        else:
+            loss = loss / (targets != -100).sum().clamp_min(1) / getattr(self, "current_gradient_accumulation_steps", 1)
+        return loss
+
+    def _frozen_head(self):
+        """The output head when it is a plain frozen Linear (not trained, not adapted)."""
+        head = self.accelerator.unwrap_model(self.model).get_output_embeddings()
+        if isinstance(head, torch.nn.Linear) and type(head) is torch.nn.Linear and head.bias is None \
+                and not head.weight.requires_grad:
+            return head
+        return None
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         mask = inputs.get("attention_mask")
