@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import os
 import time
-from contextlib import contextmanager
 
 import torch
 from transformers import Trainer
 
 from ..errors import LorakitError
-from .loss import linear_cross_entropy_sum
 
 
 class TrainingDiverged(LorakitError):
@@ -42,18 +40,6 @@ def lora_norms(model) -> dict[str, tuple[float, float, float]]:
         norms[name.removeprefix("base_model.model.")] = (
             float(a.norm()), float(b.norm()), float(scaling * ba_sq.sqrt()))
     return norms
-
-
-@contextmanager
-def _head_as_identity(model):
-    """Temporarily make the output head return its input (the normed hidden states)."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    head = inner.get_output_embeddings()
-    inner.set_output_embeddings(torch.nn.Identity())
-    try:
-        yield
-    finally:
-        inner.set_output_embeddings(head)
 
 
 class LorakitTrainer(Trainer):
@@ -94,17 +80,9 @@ class LorakitTrainer(Trainer):
         if keep.numel() == 0:  # nothing trained in this micro-batch
             keep = torch.zeros(1, dtype=torch.long, device=labels.device)
         targets = next_labels[:, keep]
-        head = self._frozen_head()
-        if head is not None and os.environ.get("LORAKIT_EXPERIMENT_FUSED_CE"):
-            # the model returns the normed hidden states at the kept positions; the head and
-            # the cross-entropy run fused, chunk by chunk (see loss.py)
-            with _head_as_identity(self.accelerator.unwrap_model(model)):
-                hidden = model(**inputs, logits_to_keep=keep).logits
-            loss = linear_cross_entropy_sum(hidden.reshape(-1, hidden.shape[-1]), head.weight, targets.reshape(-1))
-        else:
-            logits = model(**inputs, logits_to_keep=keep).logits
-            loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
-                                                     targets.reshape(-1), ignore_index=-100, reduction="sum")
+        logits = model(**inputs, logits_to_keep=keep).logits.float()
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                 targets.reshape(-1), ignore_index=-100, reduction="sum")
         if num_items_in_batch is not None:
             loss = loss / num_items_in_batch
             if self.args.average_tokens_across_devices and self.args.world_size > 1:
@@ -112,14 +90,6 @@ class LorakitTrainer(Trainer):
         else:
             loss = loss / (targets != -100).sum().clamp_min(1) / getattr(self, "current_gradient_accumulation_steps", 1)
         return loss
-
-    def _frozen_head(self):
-        """The output head when it is a plain frozen Linear (not trained, not adapted)."""
-        head = self.accelerator.unwrap_model(self.model).get_output_embeddings()
-        if isinstance(head, torch.nn.Linear) and type(head) is torch.nn.Linear and head.bias is None \
-                and not head.weight.requires_grad:
-            return head
-        return None
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         mask = inputs.get("attention_mask")
