@@ -47,7 +47,7 @@ class TrainConfig(BaseModel):
     # --- data ------------------------------------------------------------------------------
     data_path: str = Field("", description="Training data: .json, .jsonl, .csv or .parquet "
                            "(Alpaca, Dolly, messages, ShareGPT or text records).")
-    data_format: Literal["auto", "alpaca", "dolly", "messages", "sharegpt", "text"] = Field(
+    data_format: Literal["auto", "alpaca", "dolly", "messages", "sharegpt", "qa", "text"] = Field(
         "auto", description="Record shape; auto detects it from the first record.")
     prompt_template_name: str = Field(
         "alpaca", description="Prompt template: alpaca, alpaca_short, alpaca_legacy, chat (the "

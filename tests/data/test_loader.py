@@ -87,7 +87,8 @@ def test_text(write):
     ({"instruction": "i", "output": "o", "text": "t"}, "alpaca"),
     ({"instruction": "i", "response": "r"}, "dolly"),
     ({"text": "t"}, "text"),
-    ({"question": "q", "answer": "a"}, None),
+    ({"question": "q", "answer": "a"}, "qa"),
+    ({"prompt": "q", "completion": "a"}, None),
     ({"instruction": "i"}, None),
 ])
 def test_detect_format(record, expected):
@@ -99,7 +100,7 @@ def test_forced_format_and_sha256_and_bom(write):
     data = load_examples(path, "text")
     assert data.format == "text" and data.examples[0].text == "t"
     assert data.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
-    assert set(FORMATS) == {"alpaca", "dolly", "messages", "sharegpt", "text"}
+    assert set(FORMATS) == {"alpaca", "dolly", "messages", "sharegpt", "qa", "text"}
 
 
 def test_examples_from_records_default_locators():
@@ -192,8 +193,8 @@ BAD = [
      ["record 0: conversations[1]: unknown role 'observation' in 'from'; use system, human, user, gpt, assistant"]),
     ("a.json", [{"conversations": [{"from": "human", "value": "q"}, {"from": "gpt"}]}], None,
      ["conversations[1]: 'value' must be a string, got nothing (field missing)"]),
-    ("a.json", [{"question": "q", "answer": "a"}], None,
-     ["record 0: cannot tell the data format", "keys 'question', 'answer'", "alpaca (instruction, output"]),
+    ("a.json", [{"prompt": "q", "completion": "a"}], None,
+     ["record 0: cannot tell the data format", "keys 'prompt', 'completion'", "alpaca (instruction, output"]),
 ]
 
 
@@ -258,9 +259,15 @@ def test_real_identity():
     assert any("{{name}}" in ex.output for ex in data.examples)
 
 
-def test_real_gsm8k_is_not_a_known_format():
-    path = shared("gsm8k_test.jsonl")
-    message = fails(path, "line 1: cannot tell the data format", "keys 'question', 'answer'",
+def test_real_gsm8k_loads_as_question_answer():
+    data = load_examples(shared("gsm8k_test.jsonl"))
+    assert data.format == "qa" and len(data.examples) == 1319
+    assert all(ex.output.rsplit("####", 1)[1].strip() for ex in data.examples)
+    fails(shared("gsm8k_test.jsonl"), "line 1: missing field 'text'", data_format="text")
+
+
+def test_unknown_keys_name_the_formats(write):
+    path = write("odd.jsonl", '{"prompt": "a", "completion": "b"}\n')
+    message = fails(path, "line 1: cannot tell the data format", "keys 'prompt', 'completion'",
                     *[f"{f} (" for f in FORMATS])
     assert "rename the fields" in message
-    fails(path, "line 1: missing field 'text'", data_format="text")

@@ -24,7 +24,7 @@ from pathlib import Path
 from lorakit.data.records import Example, Turn
 from lorakit.errors import ConfigError, DataError
 
-FORMATS = ("alpaca", "dolly", "messages", "sharegpt", "text")
+FORMATS = ("alpaca", "dolly", "messages", "sharegpt", "qa", "text")
 
 # What each format needs: used in error messages.
 _NEEDS = {
@@ -32,6 +32,7 @@ _NEEDS = {
     "dolly": "instruction, response; context optional",
     "messages": "messages: a list of {role, content}",
     "sharegpt": "conversations: a list of {from, value}; system optional",
+    "qa": "question, answer (GSM8K style)",
     "text": "text",
 }
 _KINDS = {".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".parquet": "parquet"}
@@ -84,6 +85,8 @@ def detect_format(record: dict) -> str | None:
         return "alpaca"
     if "instruction" in record and "response" in record:
         return "dolly"
+    if "question" in record and "answer" in record:
+        return "qa"
     if "text" in record:
         return "text"
     return None
@@ -239,6 +242,12 @@ def _dolly(record) -> Example:
                    input=context if context.strip() else "")
 
 
+def _qa(record) -> Example:
+    question = _str(record, "question", "qa", nonempty=True)
+    answer = _str(record, "answer", "qa")
+    return Example(turns=[Turn("user", question), Turn("assistant", answer)])
+
+
 def _messages(record) -> Example:
     return _chat(record, "messages", "role", "content", _MESSAGE_ROLES, "")
 
@@ -293,7 +302,7 @@ def _text(record) -> Example:
     return Example(text=_str(record, "text", "text", nonempty=True))
 
 
-_CONVERT = {"alpaca": _alpaca, "dolly": _dolly, "messages": _messages, "sharegpt": _sharegpt, "text": _text}
+_CONVERT = {"alpaca": _alpaca, "dolly": _dolly, "messages": _messages, "sharegpt": _sharegpt, "qa": _qa, "text": _text}
 
 
 # ---- helpers ----------------------------------------------------------------------------
