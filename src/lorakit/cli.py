@@ -195,6 +195,32 @@ def data_check(
         typer.echo(line)
 
 
+@app.command("eval")
+def eval_cmd(
+    data: List[Path] = typer.Option(..., "--data", help="Eval set(s): any training data format, or question/answer (GSM8K)."),
+    out: Path = typer.Option(..., help="Folder for report.json, report.md, report.html and plots."),
+    base: Optional[str] = typer.Option(None, help="Base model (default: the first adapter's base, else smollm2-135m)."),
+    adapter: Optional[List[Path]] = typer.Option(None, "--adapter", help="Adapter folder(s) to compare with the base."),
+    metrics: Optional[str] = typer.Option(None, help="Comma list of exact_match, f1, bleu, rouge_l, contains (default all)."),
+    limit: Optional[int] = typer.Option(None, help="Evaluate only the first N examples of each set."),
+    template: Optional[str] = typer.Option(None, help="Prompt template for every model (default: the first adapter's)."),
+    max_new_tokens: int = typer.Option(256),
+    batch_size: int = typer.Option(8, help="Generation batch size."),
+):
+    """Measure the base model and each adapter on eval sets: task metrics, loss, latency, memory."""
+    from .eval.runner import evaluate
+    _quiet_libraries()
+    result = evaluate(base, [str(a) for a in adapter or []], [str(d) for d in data], out,
+                      metrics=[m.strip() for m in metrics.split(",")] if metrics else None, limit=limit,
+                      template=template, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    for model, per_set in result["scores"].items():
+        for set_name, row in per_set.items():
+            shown = ", ".join(f"{k} {v:.2f}" for k, v in row.items()
+                              if k in ("exact_match", "f1", "bleu", "rouge_l", "contains", "loss") and v is not None)
+            typer.echo(f"{model} on {set_name}: {shown}")
+    typer.echo(str(Path(out) / "report.html"))
+
+
 @app.command()
 def demo(
     out: Path = typer.Option(Path("lorakit-demo"), help="Folder for the demo data, config and adapter."),

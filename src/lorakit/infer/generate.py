@@ -140,6 +140,7 @@ class Generator:
         inputs = inputs or [""] * len(instructions)
         pad = self.tokenizer.pad_token_id
         answers: list[str] = []
+        self.last_new_tokens: list[int] = []  # per answer, for throughput figures
         for start in range(0, len(instructions), batch_size):
             chunk = [self.prompt_ids(q, i) for q, i in
                      zip(instructions[start:start + batch_size], inputs[start:start + batch_size])]
@@ -151,4 +152,10 @@ class Generator:
             with self._adapter_context(use_adapter):
                 out = self.model.generate(input_ids=ids, attention_mask=mask, **params.to_kwargs(self.tokenizer))
             answers += [self.tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in out]
+            self.last_new_tokens += [self._generated_length(row[width:]) for row in out]
         return answers
+
+    def _generated_length(self, new_ids: torch.Tensor) -> int:
+        """Tokens generated for one row: up to and including the first EOS."""
+        eos = (new_ids == self.tokenizer.eos_token_id).nonzero()
+        return int(eos[0, 0]) + 1 if len(eos) else int(new_ids.numel())

@@ -1,0 +1,1 @@
+"""Evaluation: task metrics, efficiency and reports for a base model and its adapters."""
