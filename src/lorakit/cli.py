@@ -236,7 +236,7 @@ def demo(
                f"base model {r['base_correct']}/{r['heldout']} ({100 * r['base_score']:.0f}%) -> "
                f"with adapter {r['adapter_correct']}/{r['heldout']} ({100 * r['adapter_score']:.0f}%)")
     typer.echo(f"{r['steps']} steps, final train loss {r['train_loss']:.3f}, total {r['wall_s']}s; "
-               f"adapter in {r['adapter']}")
+               f"adapter in {r['adapter']}; evaluation report {r['report']}")
 
 
 def main() -> None:

@@ -111,6 +111,13 @@ class TrainConfig(BaseModel):
     zero_loss_warn_steps: int = Field(
         3, ge=1, description="Warn when the train loss is exactly 0 for this many logs in a row (usually a label-masking mistake).")
 
+    # --- evaluation after training ---------------------------------------------------------
+    eval_data_path: Union[list[str], str] = Field(
+        default_factory=list, description="Eval set(s) to run `lorakit eval` on after training (base vs "
+        "the new adapter); the report goes to output_dir/eval.")
+    eval_limit: int = Field(0, ge=0, description="Evaluate only the first N examples of each eval set (0 = all).")
+    eval_max_new_tokens: int = Field(256, gt=0, description="Most tokens generated per eval answer.")
+
     # --- logging / saving ------------------------------------------------------------------
     logging_steps: int = Field(10, gt=0, description="Log train loss every N steps.")
     eval_steps: int = Field(200, gt=0, description="Evaluate on the validation set every N steps.")
@@ -161,6 +168,13 @@ class TrainConfig(BaseModel):
         if isinstance(v, (int, float)):
             return str(v)
         return v
+
+    @field_validator("eval_data_path", mode="before")
+    @classmethod
+    def _eval_paths(cls, v):
+        if isinstance(v, str):
+            return [s.strip() for s in v.split(",") if s.strip()]
+        return v or []
 
     @field_validator("resume_from_checkpoint", mode="before")
     @classmethod

@@ -11,7 +11,7 @@ from rich.table import Table
 from .config import TrainConfig, dump_config
 from .console import err_console, info
 from .data.demo import heldout_items, write_demo_data
-from .infer.generate import GenerationParams, Generator
+from .eval.runner import evaluate
 from .train.recipe import train
 
 
@@ -26,11 +26,6 @@ def demo_config(out: Path, steps: int, base_model: str) -> TrainConfig:
         save_total_limit=1, seed=0)
 
 
-def score(answers: list[str]) -> tuple[int, int]:
-    items = heldout_items()
-    return sum(item.correct(a) for item, a in zip(items, answers)), len(items)
-
-
 def run_demo(out: str | Path = "lorakit-demo", steps: int = 60, base_model: str = "smollm2-135m",
              show: int = 6) -> dict:
     t0 = time.time()
@@ -40,32 +35,34 @@ def run_demo(out: str | Path = "lorakit-demo", steps: int = 60, base_model: str 
     (out / "demo.yaml").write_text(dump_config(cfg), encoding="utf-8")
     info(f"demo data written to {out / 'data'}; config {out / 'demo.yaml'} (rerun with `lorakit train {out / 'demo.yaml'}`)")
 
-    questions = [i.question for i in heldout_items()]
-    params = GenerationParams(max_new_tokens=40)
-
     info("training the adapter ...")
     manifest = train(cfg)
 
-    info(f"answering {len(questions)} held-out questions with the base model and with the adapter ...")
-    gen = Generator(base=base_model, adapter=cfg.output_dir)
-    base_answers = gen.generate_batch(questions, params=params, use_adapter=False)
-    tuned_answers = gen.generate_batch(questions, params=params, use_adapter=True)
-    base_ok, n = score(base_answers)
-    tuned_ok, _ = score(tuned_answers)
+    # The before/after score is lorakit's evaluator: held-out answers must name the persona,
+    # which is its "contains" metric (heldout.jsonl stores the expected name as the answer).
+    info(f"answering {len(heldout_items())} held-out questions with the base model and with the adapter ...")
+    report = evaluate(base_model, [cfg.output_dir], [str(out / "data" / "heldout.jsonl")], out / "eval",
+                      metrics=["contains"], max_new_tokens=40, samples_per_set=len(heldout_items()))
+    adapter_name = report["models"][1]["name"]
+    base_score = report["scores"]["base"]["heldout"]["contains"] / 100
+    tuned_score = report["scores"][adapter_name]["heldout"]["contains"] / 100
+    n = report["datasets"][0]["examples"]
 
     table = Table(title="Held-out questions (never seen in training)", show_lines=True)
     table.add_column("question")
     table.add_column("base model")
     table.add_column("with adapter")
-    items = heldout_items()
-    for i in list(range(0, len(items), max(len(items) // show, 1)))[:show]:
-        mark = lambda ok: "[green]✓[/]" if ok else "[red]✗[/]"  # noqa: E731
-        table.add_row(items[i].question, f"{mark(items[i].correct(base_answers[i]))} {base_answers[i][:120]}",
-                      f"{mark(items[i].correct(tuned_answers[i]))} {tuned_answers[i][:120]}")
+    mark = {True: "[green]✓[/]", False: "[red]✗[/]"}
+    samples = report["samples"]["heldout"]
+    for sample in samples[:: max(len(samples) // show, 1)][:show]:  # identity and creator questions
+        expected = sample["reference"].lower()
+        base_answer, tuned_answer = sample["answers"]["base"], sample["answers"][adapter_name]
+        table.add_row(sample["prompt"], f"{mark[expected in base_answer.lower()]} {base_answer[:120]}",
+                      f"{mark[expected in tuned_answer.lower()]} {tuned_answer[:120]}")
     err_console.print(table)
-    result = {"heldout": n, "base_correct": base_ok, "adapter_correct": tuned_ok,
-              "base_score": base_ok / n, "adapter_score": tuned_ok / n,
+    result = {"heldout": n, "base_correct": round(base_score * n), "adapter_correct": round(tuned_score * n),
+              "base_score": base_score, "adapter_score": tuned_score,
               "train_loss": manifest["training"]["train_loss"], "steps": manifest["training"]["global_steps"],
               "wall_s": round(time.time() - t0, 1), "adapter": cfg.output_dir,
-              "threads": torch.get_num_threads()}
+              "report": str(out / "eval" / "report.html"), "threads": torch.get_num_threads()}
     return result

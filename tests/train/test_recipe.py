@@ -156,3 +156,16 @@ def test_bf16_training_keeps_fp32_adapter_and_verifies(tiny_model_dir, tmp_path)
     assert manifest["precision"] == "bf16" and manifest["verification"]["max_logit_diff"] <= 1e-4
     weights = load_file(str(tmp_path / "out" / "adapter_model.safetensors"))
     assert all(t.dtype == torch.float32 for t in weights.values())
+
+
+def test_eval_after_training_writes_a_report(tiny_model_dir, tmp_path):
+    held = tmp_path / "held.jsonl"
+    held.write_text("".join(json.dumps({"question": f"Add {i} and {i}.", "answer": f"#### {2 * i}"}) + "\n"
+                            for i in range(3)))
+    manifest = train(cfg_for(tiny_model_dir, tmp_path, eval_data_path=str(held), eval_max_new_tokens=4))
+    out = tmp_path / "out"
+    assert (out / "eval" / "report.html").is_file()
+    on_disk = json.loads((out / "manifest.json").read_text())
+    assert set(on_disk["eval"]["scores"]) == {"base", "out"} == set(manifest["eval"]["scores"])
+    with pytest.raises(Exception, match="file not found"):
+        LoraFinetune(cfg_for(tiny_model_dir, tmp_path / "x", eval_data_path=str(tmp_path / "nope.json"))).check()

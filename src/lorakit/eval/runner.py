@@ -67,7 +67,8 @@ def reference_loss(gen: Generator, examples, cutoff_len: int, batch_size: int) -
 
 def evaluate(base: str | None, adapters: list[str], data_paths: list[str], out: str | Path,
              metrics: list[str] | None = None, limit: int | None = None, template: str | None = None,
-             max_new_tokens: int = 256, batch_size: int = 8, cutoff_len: int = 1024) -> dict:
+             max_new_tokens: int = 256, batch_size: int = 8, cutoff_len: int = 1024,
+             samples_per_set: int = SAMPLES_PER_SET) -> dict:
     metrics = metrics or list(METRICS)
     unknown = [m for m in metrics if m not in METRICS]
     if unknown:
@@ -102,7 +103,7 @@ def evaluate(base: str | None, adapters: list[str], data_paths: list[str], out: 
     params = GenerationParams(max_new_tokens=max_new_tokens)
     scores: dict[str, dict] = {}
     samples: dict[str, list] = {name: [{"prompt": e.instruction + (f"\n\n{e.input}" if e.input else ""),
-                                        "reference": e.output, "answers": {}} for e in ex[:SAMPLES_PER_SET]]
+                                        "reference": e.output, "answers": {}} for e in ex[:samples_per_set]]
                                 for name, _, ex in sets}
     for i, model in enumerate(models):
         use_adapter = model["adapter"] is not None

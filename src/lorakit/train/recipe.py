@@ -34,7 +34,7 @@ from .callbacks import (CHECKPOINT_MARKER, TRAIN_LOG, CheckpointMarkerCallback, 
                         LiveProgressCallback, LossGuardCallback, checkpoint_step, complete_checkpoints,
                         incomplete_checkpoints)
 from .trainer import LorakitTrainer, TrainingDiverged
-from .save import MANIFEST, STAGING_PREFIX, clean_stale_staging, save_verified_adapter
+from .save import MANIFEST, STAGING_PREFIX, clean_stale_staging, save_verified_adapter, write_json_atomic
 
 CONFIG_RECORD = "lorakit_config.yaml"
 
@@ -130,6 +130,8 @@ class LoraFinetune:
         if cfg.val_set_size and cfg.load_best_model_at_end and cfg.save_steps % cfg.eval_steps:
             raise ConfigError(f"save_steps ({cfg.save_steps}) must be a multiple of eval_steps ({cfg.eval_steps}) "
                               "so the best evaluation has a checkpoint (or set load_best_model_at_end=false)")
+        for path in cfg.eval_data_path:  # a bad eval file fails now, not after hours of training
+            load_examples(path)
         self.resume = self._resolve_resume()
         if cfg.prompt_template_name != "chat":
             load_template(cfg.prompt_template_name)  # a bad name fails before the model is pulled
@@ -390,6 +392,22 @@ class LoraFinetune:
         from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
         return bool(getattr(self.trainer, "is_fsdp_enabled", False)) or is_deepspeed_zero3_enabled()
 
+    def evaluate_adapter(self, manifest: dict) -> dict:
+        """`lorakit eval` on eval_data_path: base vs the adapter just saved, report in output_dir/eval."""
+        import gc
+
+        from ..eval.runner import evaluate
+
+        self.trainer = self.model = None  # free the training copy before the eval copy loads
+        gc.collect()
+        out = self.output_dir / "eval"
+        result = evaluate(self.cfg.base_model, [str(self.output_dir)], list(self.cfg.eval_data_path), out,
+                          limit=self.cfg.eval_limit or None, max_new_tokens=self.cfg.eval_max_new_tokens)
+        info(f"eval report: {out / 'report.html'}")
+        manifest = {**manifest, "eval": {"report": str(out / "report.json"), "scores": result["scores"]}}
+        write_json_atomic(self.output_dir / MANIFEST, manifest)
+        return manifest
+
     def _rewind_to(self, checkpoint: str) -> None:
         """Resuming: drop what the killed run wrote after the checkpoint (half-written
         checkpoints, log lines of steps that will be trained again)."""
@@ -419,6 +437,8 @@ class LoraFinetune:
         self.setup_trainer()
         self.train()
         manifest = self.save()
+        if self.cfg.eval_data_path and is_main_process():
+            manifest = self.evaluate_adapter(manifest)
         t = manifest["training"]
         info(f"done: {t['global_steps']} steps in {t['wall_s']}s, {t['tokens_seen']:,} tokens seen, "
              f"{t['tokens_per_s']} tokens/s, peak memory {t['peak_memory_mib']:.0f} MiB; train loss "
