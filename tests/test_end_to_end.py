@@ -58,8 +58,9 @@ def test_generate_merge_same_greedy_answer(trained):
 def test_merged_logits_match_base_plus_adapter(trained, smollm2_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    if not (trained / "merged").is_dir():
-        pytest.skip("merge step failed above")
+    if not (trained / "merged").is_dir():  # run on its own: merge here
+        m = lorakit("merge", "--adapter", "out", "--out", "merged", cwd=trained)
+        assert m.returncode == 0, m.stderr[-2000:]
     tok = AutoTokenizer.from_pretrained(trained / "merged")
     ids = tok("Below is an instruction. 你好，世界", return_tensors="pt")["input_ids"]
     merged = AutoModelForCausalLM.from_pretrained(trained / "merged")

@@ -2,24 +2,10 @@
 import json
 
 import pytest
-import torch
-from peft import LoraConfig, get_peft_model
-from transformers import AutoModelForCausalLM
 
+from random_adapter import make_random_adapter
 from lorakit.errors import LorakitError
 from lorakit.eval.runner import evaluate
-
-
-def make_adapter(model_dir, folder, seed):
-    torch.manual_seed(seed)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir),
-                           LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.5)
-    model.save_pretrained(folder)
-    return folder
 
 
 def test_eval_base_and_two_adapters(tiny_model_dir, tmp_path):
@@ -29,7 +15,8 @@ def test_eval_base_and_two_adapters(tiny_model_dir, tmp_path):
     gsm = tmp_path / "gsm.jsonl"
     gsm.write_text("".join(json.dumps({"question": f"Add {i} and 1.", "answer": f"It is {i + 1}.\n#### {i + 1}"}) + "\n"
                            for i in range(5)))
-    a1, a2 = make_adapter(tiny_model_dir, tmp_path / "one", 1), make_adapter(tiny_model_dir, tmp_path / "two", 2)
+    a1 = make_random_adapter(tiny_model_dir, tmp_path / "one", seed=1)
+    a2 = make_random_adapter(tiny_model_dir, tmp_path / "two", seed=2)
     result = evaluate(str(tiny_model_dir), [str(a1), str(a2)], [str(alpaca), str(gsm)], tmp_path / "report",
                       limit=4, max_new_tokens=6, batch_size=3)
     assert list(result["scores"]) == ["base", "one", "two"]

@@ -3,9 +3,10 @@ import json
 
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
+from random_adapter import make_random_adapter
 from lorakit.data.templates import load_template
 from lorakit.errors import LorakitError, ModelError
 from lorakit.infer.generate import GenerationParams, Generator
@@ -15,16 +16,7 @@ from lorakit.infer.merge import merge_adapter
 @pytest.fixture(scope="module")
 def peft_adapter(tiny_model_dir, tmp_path_factory):
     """An adapter saved by plain peft, with non-zero B so it changes the model."""
-    torch.manual_seed(1)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
-                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.5)
-    folder = tmp_path_factory.mktemp("peft-adapter")
-    model.save_pretrained(folder)
-    return folder
+    return make_random_adapter(tiny_model_dir, tmp_path_factory.mktemp("peft-adapter"))
 
 
 def test_plain_peft_adapter_generates_with_alpaca_default(tiny_model_dir, peft_adapter):
