@@ -164,3 +164,12 @@ def test_packed_training_matches_padded(tiny_model_dir, tmp_path):
     a = load_file(str(tmp_path / "a" / "out" / "adapter_model.safetensors"))
     b = load_file(str(tmp_path / "b" / "out" / "adapter_model.safetensors"))
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-4
+
+
+@pytest.mark.parametrize("settings", [{"use_dora": True}, {"modules_to_save": ["lm_head"]}])
+def test_bf16_base_trains_fp32_weights_for_every_variant(tiny_model_dir, tmp_path, settings):
+    manifest = train(cfg_for(tiny_model_dir, tmp_path, precision="bf16", max_steps=2, val_set_size=0,
+                             save_steps=100, **settings))
+    weights = load_file(str(tmp_path / "out" / "adapter_model.safetensors"))
+    assert {t.dtype for t in weights.values()} == {torch.float32}
+    assert manifest["verification"]["max_logit_diff"] <= 1e-4

@@ -228,6 +228,11 @@ class LoraFinetune:
         except ValueError as e:  # e.g. a modules_to_save name the model lacks
             raise ConfigError(f"LoRA settings: {str(e).splitlines()[0][:300]}") from None
         if base_dtype != torch.float32:
+            # Everything trained keeps fp32 master weights (peft does so for LoRA weights, not for
+            # modules_to_save copies or trained biases of a bf16 base).
+            for param in self.model.parameters():
+                if param.requires_grad and param.dtype != torch.float32:
+                    param.data = param.data.float()
             # peft casts each bf16 activation to the fp32 LoRA weights' dtype before the LoRA
             # path (a copy per layer, and dropout in fp32). Under autocast the LoRA matmuls run in
             # bf16 anyway, so skip the cast while training; restored before saving/verifying.
