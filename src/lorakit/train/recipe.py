@@ -178,12 +178,13 @@ class LoraFinetune:
         if n_val >= len(examples):
             raise ConfigError(f"val_set_size: {cfg.val_set_size} leaves no training examples "
                               f"(the data has {len(examples)})")
-        random.Random(cfg.seed).shuffle(examples) if n_val else None
-        val, train = examples[:n_val], examples[n_val:]
+        if n_val:
+            random.Random(cfg.seed).shuffle(examples)
+        val_examples, train_examples = examples[:n_val], examples[n_val:]
         encode = ExampleTokenizer(self.tokenizer, self.template, cfg.cutoff_len,
                                   train_on_inputs=cfg.train_on_inputs, add_eos_token=cfg.add_eos_token)
-        self.train_features, stats = encode.map(train)
-        self.val_features, _ = encode.map(val)
+        self.train_features, stats = encode.map(train_examples)
+        self.val_features, _ = encode.map(val_examples)
         if not self.train_features:
             raise ConfigError(f"cutoff_len: {cfg.cutoff_len} leaves no trainable token in any example of {cfg.data_path}")
         self.train_tokens = sum(len(f["input_ids"]) for f in self.train_features)
