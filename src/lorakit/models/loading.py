@@ -123,7 +123,7 @@ def load_tokenizer(path_or_id: str, trust_remote_code: bool = False):
     try:
         tokenizer = AutoTokenizer.from_pretrained(path_or_id, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:  # hub errors are OSErrors
-        raise _load_error("tokenizer for", path_or_id, e) from e
+        raise _load_error("tokenizer", path_or_id, e) from e
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
