@@ -138,9 +138,12 @@ class PromptTemplate:
             rec["chat_template"] = self.chat_template
         return rec
 
+    def to_json(self) -> str:
+        return json.dumps(self.to_record(), indent=2, ensure_ascii=False) + "\n"
+
     def save(self, folder: str | Path) -> Path:
         path = Path(folder) / TEMPLATE_RECORD
-        path.write_text(json.dumps(self.to_record(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        path.write_text(self.to_json(), encoding="utf-8")
         return path
 
 

@@ -25,7 +25,7 @@ from ..config import TrainConfig, dump_config
 from ..console import info, warn
 from ..data.collate import build_collator, require_packing
 from ..data.loader import load_examples
-from ..data.templates import PromptTemplate, load_template
+from ..data.templates import TEMPLATE_RECORD, PromptTemplate, load_template
 from ..data.tokenize import ExampleTokenizer
 from ..errors import ConfigError, ModelError
 from ..models.loading import (check_quantization, load_model, load_tokenizer, model_module_names,
@@ -371,7 +371,7 @@ class LoraFinetune:
             "libraries": library_versions(),
         }
         extra = {CONFIG_RECORD: dump_config(cfg),
-                 "lorakit_template.json": _template_json(self.template)}
+                 TEMPLATE_RECORD: self.template.to_json()}
         if self.sharded():
             # ZeRO-3 / FSDP: each process holds a shard. Trainer.save_model gathers the full
             # adapter (a collective call on every process) and rank 0 writes it; rank 0 then
@@ -394,9 +394,7 @@ class LoraFinetune:
         return save_verified_adapter(self.model, self.tokenizer, self.output_dir, extra, probe, manifest)
 
     def sharded(self) -> bool:
-        """Whether the weights are split over processes (DeepSpeed ZeRO-3 or FSDP)."""
-        from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
-        return bool(getattr(self.trainer, "is_fsdp_enabled", False)) or is_deepspeed_zero3_enabled()
+        return self.trainer.is_sharded()
 
     def evaluate_adapter(self, manifest: dict) -> dict:
         """`lorakit eval` on eval_data_path: base vs the adapter just saved, report in output_dir/eval."""
@@ -452,10 +450,6 @@ class LoraFinetune:
              + (f" (best: {Path(t['best_checkpoint']).name})" if t.get("best_checkpoint") else "")
              + f". Adapter verified and saved to {self.output_dir}")
         return manifest
-
-
-def _template_json(template: PromptTemplate) -> str:
-    return json.dumps(template.to_record(), indent=2, ensure_ascii=False) + "\n"
 
 
 def train(cfg: TrainConfig) -> dict:

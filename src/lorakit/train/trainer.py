@@ -7,7 +7,6 @@
 """
 from __future__ import annotations
 
-import os
 import time
 
 import torch
@@ -48,7 +47,6 @@ class LorakitTrainer(Trainer):
         self.loss_is_scaled_for_ga = True  # compute_loss normalises over the whole accumulated batch
         self.tokens_seen = 0  # real tokens this process trained on since it started
         self._last_log = (time.perf_counter(), 0)
-        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
         self.lora_norms_steps = 0  # per-layer norms to TensorBoard every N steps (0 = every log)
 
     def train(self, *args, **kwargs):
@@ -125,9 +123,9 @@ class LorakitTrainer(Trainer):
             now, tokens = time.perf_counter(), self.tokens_seen
             t_prev, tok_prev = self._last_log
             if now > t_prev:
-                logs["tokens_per_s"] = round((tokens - tok_prev) * self.world_size / (now - t_prev), 1)
+                logs["tokens_per_s"] = round((tokens - tok_prev) * self.args.world_size / (now - t_prev), 1)
             self._last_log = (now, tokens)
-            norms = {} if self._sharded() else lora_norms(self.model)  # a shard's norms mean nothing
+            norms = {} if self.is_sharded() else lora_norms(self.model)  # a shard's norms mean nothing
             if norms:
                 for i, key in enumerate(("lora_A_norm", "lora_B_norm", "lora_BA_norm")):
                     logs[key] = round(sum(v[i] for v in norms.values()) / len(norms), 6)
@@ -136,7 +134,8 @@ class LorakitTrainer(Trainer):
                     self._per_layer_norms_to_tensorboard(norms)
         super().log(logs, start_time)
 
-    def _sharded(self) -> bool:
+    def is_sharded(self) -> bool:
+        """Whether the weights are split over processes (DeepSpeed ZeRO-3 or FSDP)."""
         from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
         return bool(getattr(self, "is_fsdp_enabled", False)) or is_deepspeed_zero3_enabled()
 
