@@ -19,7 +19,8 @@ from ..console import info
 from ..data.loader import load_examples
 from ..data.tokenize import ExampleTokenizer
 from ..errors import LorakitError
-from ..infer.generate import GenerationParams, Generator, check_adapter_dir
+from ..infer.adapters import adapter_param_count, adapter_weights_file, check_adapter_dir, load_adapter
+from ..infer.generate import GenerationParams, Generator
 from ..train.callbacks import read_train_log
 from .metrics import METRICS, score_all
 from .report import write_report
@@ -42,7 +43,7 @@ def _adapter_names(adapters: list[Path]) -> list[str]:
     names: list[str] = []
     for path in adapters:
         name = path.resolve().name or "adapter"
-        while name in names or name == "base":
+        while name in names or name in ("base", "default"):  # "default" is the first adapter's peft name
             name += "_"
         names.append(name)
     return names
@@ -87,16 +88,15 @@ def evaluate(base: str | None, adapters: list[str], data_paths: list[str], out: 
     gen = Generator(base=base, adapter=str(adapter_dirs[0]) if adapter_dirs else None, template=template)
     names = _adapter_names(adapter_dirs)
     if adapter_dirs:
-        # the first adapter is loaded as "default" by peft; the others get their own names
+        # the first adapter is loaded as "default" by the Generator; the others get their own names
+        # (float or int8 folders alike)
         for name, path in zip(names[1:], adapter_dirs[1:]):
-            gen.model.load_adapter(str(path), adapter_name=name)
+            gen.model = load_adapter(gen.model, path, name)
     models = [{"name": "base", "adapter": None, "adapter_size_bytes": None, "trainable_params": None,
                "train_log": []}]
     for name, path in zip(names, adapter_dirs):
-        from safetensors import safe_open
-        weights = path / "adapter_model.safetensors"
-        with safe_open(str(weights), "pt") as f:
-            n_params = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+        weights = adapter_weights_file(path)  # adapter_model.safetensors, or the int8 file
+        n_params = adapter_param_count(path)
         models.append({"name": name, "adapter": str(path.resolve()), "adapter_size_bytes": weights.stat().st_size,
                        "trainable_params": int(n_params), "train_log": read_train_log(path)})
 

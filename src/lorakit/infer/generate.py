@@ -16,9 +16,11 @@ import torch
 from ..data.records import Turn
 from ..data.templates import PromptTemplate, load_template, template_for_folder
 from ..data.tokenize import encode_prompt
-from ..errors import ModelError
 from ..models.loading import load_model, load_tokenizer, resolve_model_path
 from ..models.registry import ALIASES, DEFAULT_BASE_MODEL
+from .adapters import check_adapter_dir, load_adapter  # noqa: F401 - check_adapter_dir re-exported
+
+DEFAULT_ADAPTER_NAME = "default"  # the name the first adapter has, as with PeftModel.from_pretrained
 
 
 @dataclass
@@ -40,21 +42,6 @@ class GenerationParams:
         else:
             kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         return kw
-
-
-def check_adapter_dir(adapter: str | Path) -> Path:
-    """An adapter folder: adapter_config.json + adapter_model.safetensors (no pickle files)."""
-    path = Path(adapter)
-    if not path.is_dir():
-        raise ModelError(f"adapter: {path} is not a folder")
-    if not (path / "adapter_config.json").is_file():
-        raise ModelError(f"adapter: {path} holds no adapter_config.json (is it a lorakit/peft adapter folder?)")
-    if not (path / "adapter_model.safetensors").is_file():
-        if (path / "adapter_model.bin").is_file():
-            raise ModelError(f"adapter: {path} holds only adapter_model.bin (pickle, which can run code); "
-                             "lorakit loads safetensors only: re-save it with save_pretrained(safe_serialization=True)")
-        raise ModelError(f"adapter: {path} holds no adapter_model.safetensors")
-    return path
 
 
 def recorded_base_model(adapter: str | Path) -> str | None:
@@ -82,13 +69,8 @@ class Generator:
         model_path = resolve_model_path(self.base)
         self.tokenizer = load_tokenizer(model_path, trust_remote_code=trust_remote_code)
         model = load_model(model_path, dtype=dtype, trust_remote_code=trust_remote_code)
-        if self.adapter_dir is not None:
-            from peft import PeftModel
-            try:
-                model = PeftModel.from_pretrained(model, str(self.adapter_dir))
-            except (ValueError, KeyError, RuntimeError) as e:
-                raise ModelError(f"adapter {self.adapter_dir} does not fit base model {self.base}: "
-                                 f"{str(e).splitlines()[0][:200]}") from None
+        if self.adapter_dir is not None:  # float or int8 folder; a mismatch is one ModelError line
+            model = load_adapter(model, self.adapter_dir, DEFAULT_ADAPTER_NAME)
         model.eval()
         self.model = model
         self.template = self._pick_template(template, model_path)

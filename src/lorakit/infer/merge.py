@@ -13,6 +13,7 @@ from ..data.templates import TEMPLATE_RECORD
 from ..errors import LorakitError
 from ..models.loading import load_model, load_tokenizer, resolve_model_path
 from ..models.registry import DEFAULT_BASE_MODEL
+from .adapters import load_adapter
 from .generate import check_adapter_dir, recorded_base_model
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -20,8 +21,6 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 def merge_adapter(adapter: str | Path, out: str | Path, base: str | None = None, dtype: str = "fp32",
                   force: bool = False, trust_remote_code: bool = False) -> Path:
-    from peft import PeftModel
-
     if dtype not in DTYPES:
         raise LorakitError(f"--dtype: '{dtype}' is not one of {', '.join(DTYPES)}")
     adapter_dir = check_adapter_dir(adapter)
@@ -33,7 +32,7 @@ def merge_adapter(adapter: str | Path, out: str | Path, base: str | None = None,
     tokenizer = load_tokenizer(model_path, trust_remote_code=trust_remote_code)
     # Merge in fp32 (exact), then cast once.
     model = load_model(model_path, dtype=torch.float32, trust_remote_code=trust_remote_code)
-    model = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+    model = load_adapter(model, adapter_dir, "default").merge_and_unload()
     model = model.to(DTYPES[dtype])
     model.config.use_cache = True
 

@@ -1,0 +1,238 @@
+"""One way to load a LoRA adapter folder onto a model, used by generate, chat, eval and serve.
+
+Two folder formats:
+
+- ``safetensors``: a plain peft / lorakit adapter (``adapter_config.json`` +
+  ``adapter_model.safetensors``), loaded by peft's own ``load_adapter``;
+- ``int8``: written by ``lorakit adapter quantize`` (``adapter_config.json`` +
+  ``adapter_model.int8.safetensors``): the LoRA weights as int8 with per-output-channel scales,
+  dequantized here to float tensors and put into the model with peft's ``set_peft_model_state_dict``.
+
+Weights are read from safetensors only; a folder that holds only ``adapter_model.bin`` (pickle,
+which can run code) is refused before anything is loaded.
+"""
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+from ..errors import ModelError
+
+ADAPTER_CONFIG = "adapter_config.json"
+FLOAT_WEIGHTS = "adapter_model.safetensors"
+INT8_WEIGHTS = "adapter_model.int8.safetensors"
+PICKLE_WEIGHTS = "adapter_model.bin"
+
+
+def check_adapter_dir(adapter: str | Path) -> Path:
+    """An adapter folder: adapter_config.json + adapter_model.safetensors, or a lorakit int8
+    folder (adapter_model.int8.safetensors); never pickle files."""
+    path = Path(adapter)
+    if not path.is_dir():
+        raise ModelError(f"adapter: {path} is not a folder")
+    if not (path / ADAPTER_CONFIG).is_file():
+        raise ModelError(f"adapter: {path} holds no adapter_config.json (is it a lorakit/peft adapter folder?)")
+    if not (path / FLOAT_WEIGHTS).is_file() and not (path / INT8_WEIGHTS).is_file():
+        if (path / PICKLE_WEIGHTS).is_file():
+            raise ModelError(f"adapter: {path} holds only adapter_model.bin (pickle, which can run code); "
+                             "lorakit loads safetensors only: re-save it with save_pretrained(safe_serialization=True)")
+        raise ModelError(f"adapter: {path} holds no adapter_model.safetensors (nor a lorakit int8 "
+                         f"{INT8_WEIGHTS})")
+    return path
+
+
+def adapter_format(path: str | Path) -> str:
+    """``"safetensors"`` (a float peft adapter) or ``"int8"`` (lorakit's quantized folder).
+    A folder holding both files is read as the float adapter, as plain peft would."""
+    folder = check_adapter_dir(path)
+    return "safetensors" if (folder / FLOAT_WEIGHTS).is_file() else "int8"
+
+
+def adapter_weights_file(path: str | Path) -> Path:
+    """The weights file the folder's format loads from."""
+    folder = check_adapter_dir(path)
+    return folder / (FLOAT_WEIGHTS if adapter_format(folder) == "safetensors" else INT8_WEIGHTS)
+
+
+def adapter_param_count(path: str | Path) -> int:
+    """Number of adapter weights (elements), whatever the format (int8 scales not counted)."""
+    import math
+
+    from safetensors import safe_open
+
+    from .quantize import SCALE_SUFFIX
+    weights = adapter_weights_file(path)
+    try:
+        with safe_open(str(weights), "pt") as f:
+            return int(sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys() if not k.endswith(SCALE_SUFFIX)))
+    except Exception as e:  # noqa: BLE001 - a broken header: one line
+        raise ModelError(f"adapter: {weights} is not a readable safetensors file: {_first_line(e)}") from None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return (text[0] if text else type(e).__name__)[:200]
+
+
+def _check_adapter_name(name) -> None:
+    """peft keeps adapters in torch ModuleDicts: the name becomes a module attribute."""
+    import torch
+    if not isinstance(name, str) or not name or "." in name or name.startswith("_") or name.strip() != name:
+        raise ModelError(f"adapter name {name!r}: use a non-empty name without dots, spaces at the ends "
+                         "or a leading underscore")
+    if hasattr(torch.nn.ModuleDict(), name) or name in ("base_layer", "lora_A", "lora_B"):
+        raise ModelError(f"adapter name {name!r} is reserved (a torch module attribute); choose another name")
+
+
+def _is_peft_model(model) -> bool:
+    from peft import PeftModel
+    return isinstance(model, PeftModel)
+
+
+def _base_name(model) -> str:
+    base = base_model_of(model)
+    config = getattr(base, "config", None)
+    return getattr(config, "name_or_path", None) or getattr(config, "_name_or_path", None) or type(base).__name__
+
+
+def _read_config(folder: Path):
+    from peft import PeftConfig
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+    try:
+        peft_type = PeftConfig._get_peft_type(str(folder))
+        return PEFT_TYPE_TO_CONFIG_MAPPING[peft_type].from_pretrained(str(folder))
+    except (ValueError, KeyError, TypeError, json.JSONDecodeError) as e:
+        raise ModelError(f"adapter: {folder / ADAPTER_CONFIG} is not a valid peft adapter config: "
+                         f"{_first_line(e)}") from None
+
+
+def _key_mapped(state: dict, model) -> dict:
+    """Apply the model's checkpoint key mapping as peft's load_peft_weights does."""
+    import re
+    mapping = getattr(base_model_of(model), "_checkpoint_conversion_mapping", None)
+    if not mapping:
+        return state
+    out = {}
+    for key, val in state.items():
+        prefix = "base_model.model." if key.startswith("base_model.model.") else (
+            "base_model." if key.startswith("base_model.") else "")
+        rest = key[len(prefix):]
+        for pattern, replacement in mapping.items():
+            new, n = re.subn(pattern, replacement, rest)
+            if n:
+                rest = new
+                break
+        out[prefix + rest] = val
+    return out
+
+
+def _check_load_result(result, adapter_name: str) -> None:
+    missing = [k for k in getattr(result, "missing_keys", [])
+               if ("lora_" in k or "modules_to_save" in k)
+               and (f".{adapter_name}." in k or k.endswith(f".{adapter_name}"))]
+    unexpected = list(getattr(result, "unexpected_keys", []))
+    if unexpected or missing:
+        detail = []
+        if unexpected:
+            detail.append(f"{len(unexpected)} adapter weights the model has no place for (e.g. {unexpected[0]})")
+        if missing:
+            detail.append(f"{len(missing)} adapter weights missing from the file (e.g. {missing[0]})")
+        raise ValueError("; ".join(detail))
+
+
+def load_adapter(model, path: str | Path, adapter_name: str):
+    """Load the adapter folder onto ``model`` under ``adapter_name``; returns the PeftModel.
+
+    ``model`` is a plain transformers model (it is wrapped in the PeftModel class for the
+    adapter's task type, as ``PeftModel.from_pretrained`` does; the new adapter is active) or
+    already a PeftModel (the adapter is added beside the others and the active adapter is not
+    changed, unless the model had no adapter left). Float folders are loaded by peft's own
+    ``load_adapter``; int8 folders are dequantized to float tensors and set with
+    ``set_peft_model_state_dict``. The adapter is frozen and the model is put in eval mode.
+
+    An adapter that does not fit the base (target modules it lacks, other shapes, weights with
+    no place in the model) raises ModelError with one line; the model is left as it was."""
+    folder = check_adapter_dir(path)
+    fmt = adapter_format(folder)
+    _check_adapter_name(adapter_name)
+    was_peft = _is_peft_model(model)
+    if was_peft and adapter_name in model.peft_config:
+        raise ModelError(f"adapter name {adapter_name!r} is already loaded; unload it first or choose another name")
+    config = _read_config(folder)
+    state = None
+    if fmt == "int8":
+        from .quantize import read_int8_adapter
+        state = _key_mapped(read_int8_adapter(folder), model)  # a corrupt file fails before the model is touched
+    config.inference_mode = True
+    base_name = _base_name(model)
+    had_adapters = was_peft and len(model.peft_config) > 0
+
+    peft_model = model if was_peft else None
+    added = False
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # peft's missing-key warnings: checked below as errors
+            if peft_model is None:
+                from peft import PeftModel
+                from peft.auto import MODEL_TYPE_TO_PEFT_MODEL_MAPPING
+                cls = MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(config.task_type, PeftModel)
+                peft_model = cls(model, config, adapter_name)  # injects the (untrained) adapter layers
+            else:
+                peft_model.add_adapter(adapter_name, config)
+            added = True
+            if fmt == "safetensors":
+                # config already in place: peft's load_adapter only reads the weights (safetensors)
+                mapping = getattr(base_model_of(peft_model), "_checkpoint_conversion_mapping", None) or None
+                result = peft_model.load_adapter(str(folder), adapter_name, is_trainable=False, key_mapping=mapping)
+            else:
+                from peft import set_peft_model_state_dict
+                result = set_peft_model_state_dict(peft_model, state, adapter_name=adapter_name)
+            _check_load_result(result, adapter_name)
+    except ModelError:
+        _roll_back(peft_model, adapter_name, was_peft, added)
+        raise
+    except (ValueError, KeyError, RuntimeError, TypeError, AttributeError) as e:
+        _roll_back(peft_model, adapter_name, was_peft, added)
+        raise ModelError(f"adapter {folder} does not fit base model {base_name}: {_first_line(e)}") from None
+    if was_peft and not had_adapters:  # the model had no adapter left: this one becomes active
+        peft_model.set_adapter(adapter_name, inference_mode=True)
+    peft_model.eval()
+    return peft_model
+
+
+def base_model_of(model):
+    """The transformers model under a PeftModel (itself for a plain model). Its LoRA layers
+    without an adapter pass through to the original layers, so with no adapter loaded it runs
+    as the base; with adapters loaded, use ``model.disable_adapter()`` for base outputs instead."""
+    return model.base_model.model if _is_peft_model(model) else model
+
+
+def _roll_back(peft_model, adapter_name: str, was_peft: bool, added: bool) -> None:
+    """Undo a failed load: remove the half-loaded adapter (or the LoRA layers from a plain model)."""
+    if peft_model is None:
+        return
+    try:
+        if was_peft:
+            if added and adapter_name in peft_model.peft_config:
+                peft_model.delete_adapter(adapter_name)
+        else:
+            peft_model.base_model.unload()  # restores the plain model's original modules in place
+    except Exception:  # noqa: BLE001 - best effort; the original error is what the user needs
+        pass
+
+
+def unload_adapter(model, adapter_name: str) -> None:
+    """Delete the adapter ``adapter_name`` from the PeftModel and free its weights (peft's
+    delete_adapter). If it was the active adapter, peft makes another loaded one active.
+
+    Works for the last adapter too; the PeftModel then holds none, and peft 0.21 cannot run such
+    a model itself (its forward, generate, disable_adapter and get_base_model look up the active
+    adapter's config): run the base through ``base_model_of(model)``, or load an adapter again
+    (``load_adapter`` makes it the active one)."""
+    if not _is_peft_model(model) or adapter_name not in model.peft_config:
+        loaded = ", ".join(model.peft_config) if _is_peft_model(model) else ""
+        raise ModelError(f"adapter {adapter_name!r} is not loaded (loaded: {loaded or 'none'})")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "adapter X was active ... setting active adapter to Y"
+        model.delete_adapter(adapter_name)
