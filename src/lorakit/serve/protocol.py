@@ -1,0 +1,73 @@
+"""Request bodies of the OpenAI-compatible API, validated by pydantic.
+
+Unknown fields are ignored (OpenAI clients send more than a small server uses); known fields
+are type-checked (400 when wrong) and range-checked (422 when out of range)."""
+from __future__ import annotations
+
+from typing import Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator
+
+MAX_STOP = 4
+
+
+class _Sampling(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: StrictStr
+    max_tokens: Optional[StrictInt] = Field(None, ge=1)
+    temperature: Optional[float] = Field(None, ge=0.0, le=2.0)
+    top_p: Optional[float] = Field(None, gt=0.0, le=1.0)
+    stop: Optional[Union[StrictStr, list[StrictStr]]] = None
+    seed: Optional[StrictInt] = Field(None, ge=0, le=2**63 - 1)
+    stream: StrictBool = False
+    stream_options: Optional[dict] = None
+    n: StrictInt = Field(1, ge=1, le=1)
+    user: Optional[StrictStr] = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, v):
+        if v is None:
+            return []
+        stops = [v] if isinstance(v, str) else v
+        if len(stops) > MAX_STOP:
+            raise ValueError(f"at most {MAX_STOP} stop sequences")
+        if any(s == "" for s in stops):
+            raise ValueError("a stop sequence cannot be empty")
+        return stops
+
+    @property
+    def include_usage(self) -> bool:
+        return bool((self.stream_options or {}).get("include_usage"))
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["text"]
+    text: StrictStr
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Union[StrictStr, list[TextPart]]
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[Message] = Field(..., min_length=1)
+    max_completion_tokens: Optional[StrictInt] = Field(None, ge=1)
+
+
+class CompletionRequest(_Sampling):
+    prompt: StrictStr
+    echo: StrictBool = False
+
+
+class AdapterLoadRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: StrictStr = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+    path: StrictStr = Field(..., min_length=1, max_length=4096)
