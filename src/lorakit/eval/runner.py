@@ -33,8 +33,8 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, math.ceil(q / 100 * len(ordered)) - 1))]
 
 
-def _peak_memory_mib() -> float:
-    if torch.cuda.is_available():
+def _peak_memory_mib(device: torch.device | None = None) -> float:
+    if device is not None and device.type == "cuda":
         return torch.cuda.max_memory_allocated() / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
@@ -128,7 +128,7 @@ def evaluate(base: str | None, adapters: list[str], data_paths: list[str], out: 
             row.update({"loss": loss, "perplexity": math.exp(min(loss, 50)),
                         "latency_p50_s": statistics.median(latencies), "latency_p95_s": _percentile(latencies, 95),
                         "tokens_per_s": new_tokens / t_total if t_total else None,
-                        "peak_memory_mib": _peak_memory_mib()})  # process peak so far
+                        "peak_memory_mib": _peak_memory_mib(gen.device)})  # process peak so far
             scores[model["name"]][set_name] = row
             for sample, answer in zip(samples[set_name], predictions):
                 sample["answers"][model["name"]] = answer

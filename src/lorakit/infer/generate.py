@@ -69,6 +69,8 @@ class Generator:
         model_path = resolve_model_path(self.base)
         self.tokenizer = load_tokenizer(model_path, trust_remote_code=trust_remote_code)
         model = load_model(model_path, dtype=dtype, trust_remote_code=trust_remote_code)
+        if torch.cuda.is_available():  # generate, chat and eval run on the GPU when there is one
+            model = model.to("cuda")
         if self.adapter_dir is not None:  # float or int8 folder; a mismatch is one ModelError line
             model = load_adapter(model, self.adapter_dir, DEFAULT_ADAPTER_NAME)
         model.eval()

@@ -214,7 +214,8 @@ class LoraFinetune:
                            bnb_config=qconfig, device_map={"": int(os.environ.get("LOCAL_RANK", 0))} if quantized else None)
         model.config.use_cache = False
         if quantized:
-            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing,
+                                                    gradient_checkpointing_kwargs={"use_reentrant": False})
         elif cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.enable_input_require_grads()
