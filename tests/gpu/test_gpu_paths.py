@@ -251,6 +251,7 @@ def test_half_precision_training_on_gpu(tiny_model_dir, alpaca_json, tmp_path, p
     gen = Generator(adapter=str(out))
     answer = gen.generate("Who are you?", params=GenerationParams(max_new_tokens=8))
     assert isinstance(answer, str)
+    assert gen.device.type == "cuda"  # generate/chat/eval use the GPU when there is one
     report(f"train[{precision}{'-gradckpt' if gradient_checkpointing else ''}]", peak_gpu_mib=peak, train_s=wall,
            first_loss=losses[0], last_loss=losses[-1], train_loss=float(manifest["training"]["train_loss"]),
            max_logit_diff=float(manifest["verification"]["max_logit_diff"]),

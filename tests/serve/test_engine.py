@@ -183,3 +183,14 @@ def test_unload_waits_for_requests_in_flight_and_then_refuses(tiny_model_dir, ad
         assert e.generate_text([5, 6, 7], max_tokens=3).finish_reason == "length"
     finally:
         e.shutdown()
+
+
+def test_one_copy_of_the_base_whatever_the_number_of_adapters(engine, tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    base_count = sum(p.numel() for p in base.parameters())
+    params = dict(engine.model.named_parameters())
+    lora = {n: p for n, p in params.items() if "lora_" in n}
+    assert {n.split("lora_")[1].split(".")[1] for n in lora} == set(PERSONAS)  # all four adapters are in there
+    assert sum(p.numel() for n, p in params.items() if "lora_" not in n) == base_count
+    assert len({p.data_ptr() for p in params.values()}) == len(params)  # tied weights aside, nothing shared twice
