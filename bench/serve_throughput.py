@@ -2,9 +2,10 @@
 
 Starts `lorakit serve` as a user would (a subprocess on a free port), then sends the same
 requests (alpaca_en_demo instructions from ../shared/datasets, greedy, max_tokens fixed) twice:
-one after another from a single client (sequential), then from N concurrent clients. Each
-phase's throughput is generated tokens / wall seconds (usage.completion_tokens from the
-responses); the ratio concurrent / sequential is the figure. It also checks that every greedy
+one after another from a single client (sequential), then from N concurrent clients, in
+alternating rounds (so a change in the machine's load hits both). Each phase's throughput is
+generated tokens / wall seconds (usage.completion_tokens from the responses); the figure is the
+median round's ratio concurrent / sequential (the overall ratio is printed too). It also checks that every greedy
 answer from the concurrent phase is identical to the same request's sequential answer.
 
 With --adapters K (default 2), K LoRA adapters (random, rank 8 on all linear layers, so their
@@ -22,6 +23,7 @@ import argparse
 import json
 import os
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -85,6 +87,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--adapters", type=int, default=2, help="random adapters loaded at run time (0 = base only)")
     ap.add_argument("--max-batch-size", type=int, default=8)
+    ap.add_argument("--rounds", type=int, default=4, help="alternations of sequential and concurrent phases")
     args = ap.parse_args()
 
     import openai
@@ -115,20 +118,37 @@ def main() -> None:
             return i, r.choices[0].message.content, r.usage.completion_tokens, r.choices[0].finish_reason
 
         ask(jobs[0])  # warm-up
-        t = time.perf_counter()
-        sequential = [ask(j) for j in jobs]
-        seq_s = time.perf_counter() - t
-        t = time.perf_counter()
-        with ThreadPoolExecutor(args.clients) as pool:
-            concurrent = list(pool.map(ask, jobs))
-        conc_s = time.perf_counter() - t
+        # Rounds of (one client, then N clients) over the same requests, so a change in the
+        # machine's load during the run hits both phases alike; the ratio is the median round's.
+        per_round = max(args.clients, len(jobs) // args.rounds)
+        sequential, concurrent, rounds = [], [], []
+        for start in range(0, len(jobs), per_round):
+            chunk = jobs[start:start + per_round]
+            t = time.perf_counter()
+            seq = [ask(j) for j in chunk]
+            seq_s = time.perf_counter() - t
+            t = time.perf_counter()
+            with ThreadPoolExecutor(args.clients) as pool:
+                conc = list(pool.map(ask, chunk))
+            conc_s = time.perf_counter() - t
+            sequential += seq
+            concurrent += conc
+            rounds.append({"sequential_s": seq_s, "concurrent_s": conc_s,
+                           "sequential_tokens": sum(x[2] for x in seq), "concurrent_tokens": sum(x[2] for x in conc)})
+            r = rounds[-1]
+            print(f"round {len(rounds)}: {len(chunk)} requests, sequential {r['sequential_tokens'] / seq_s:.1f} tok/s, "
+                  f"{args.clients} clients {r['concurrent_tokens'] / conc_s:.1f} tok/s", file=sys.stderr)
         metrics = httpx.get(url + "/metrics").text
     finally:
         proc.terminate()
         proc.wait(30)
 
-    seq_tokens = sum(x[2] for x in sequential)
-    conc_tokens = sum(x[2] for x in concurrent)
+    seq_tokens = sum(r["sequential_tokens"] for r in rounds)
+    conc_tokens = sum(r["concurrent_tokens"] for r in rounds)
+    seq_s = sum(r["sequential_s"] for r in rounds)
+    conc_s = sum(r["concurrent_s"] for r in rounds)
+    ratios = sorted((r["concurrent_tokens"] / r["concurrent_s"]) / (r["sequential_tokens"] / r["sequential_s"])
+                    for r in rounds)
     same = sum(a[1] == b[1] for a, b in zip(sequential, concurrent))
     batch_sum = batch_count = 0.0
     for line in metrics.splitlines():
@@ -141,7 +161,9 @@ def main() -> None:
         "max_tokens": args.max_tokens,
         "sequential_tokens_per_s": round(seq_tokens / seq_s, 1),
         "concurrent_tokens_per_s": round(conc_tokens / conc_s, 1),
-        "ratio": round((conc_tokens / conc_s) / (seq_tokens / seq_s), 2),
+        "ratio": round(statistics.median(ratios), 2),
+        "ratio_overall": round((conc_tokens / conc_s) / (seq_tokens / seq_s), 2),
+        "ratio_per_round": [round(x, 2) for x in ratios],
         "sequential_s": round(seq_s, 1), "concurrent_s": round(conc_s, 1),
         "tokens_sequential": seq_tokens, "tokens_concurrent": conc_tokens,
         "identical_greedy_answers": f"{same}/{len(jobs)}",
