@@ -1,0 +1,277 @@
+"""The folder `lorakit ui` works in, and what is in it.
+
+Layout (every folder is made on first use)::
+
+    WORKDIR/data/           datasets: uploads are checked and copied here; data/demo/ holds the demo data
+    WORKDIR/adapters/NAME/  one training run each: its output_dir (adapter, checkpoints, train_log.jsonl,
+                            manifest.json) plus train.yaml (the config the page started) and train.log
+    WORKDIR/models/NAME/    local base models (Hugging Face folders) the page offers besides the aliases
+    WORKDIR/merged/NAME/    merged models written by the Models tab (usable as base models too)
+    WORKDIR/eval/NAME/      evaluation reports written by the Evaluate tab
+"""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from ..data.demo import write_demo_data
+from ..data.loader import load_examples
+from ..errors import DataError, LorakitError
+from ..models.registry import ALIASES, DEFAULT_BASE_MODEL, list_cached
+from ..train.callbacks import CHECKPOINT_MARKER, TRAIN_LOG, complete_checkpoints
+from ..train.recipe import CONFIG_RECORD
+from ..train.save import ADAPTER_CONFIG, MANIFEST
+
+DATA_SUFFIXES = (".json", ".jsonl", ".ndjson", ".csv", ".parquet")
+# Dropdown values for the demo data (written into data/demo/ when first chosen).
+DEMO_TRAIN = "demo:train"
+DEMO_HELDOUT = "demo:heldout"
+DEMO_LABELS = {DEMO_TRAIN: "demo: the Marlowe persona (built in, 120 records)",
+               DEMO_HELDOUT: "demo: held-out persona questions (built in, 20 records)"}
+UI_CONFIG = "train.yaml"  # the config the page wrote; `lorakit train` repeats the run from it
+UI_LOG = "train.log"      # the run's stdout and stderr
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,79}$")
+
+
+def check_name(name: str, what: str = "adapter name") -> str:
+    name = (name or "").strip()
+    if not _NAME.match(name):
+        raise LorakitError(f"{what}: {name!r} is not a usable folder name (letters, digits, '.', '_', '-'; "
+                           "starting with a letter or digit)")
+    return name
+
+
+@dataclass
+class AdapterInfo:
+    """A training run folder under adapters/ (or a plain peft adapter copied there)."""
+    name: str
+    folder: Path
+    manifest: dict | None = None
+    config: dict | None = None  # the resolved config the run recorded (lorakit_config.yaml)
+    checkpoints: list[Path] = field(default_factory=list)  # complete ones, oldest first
+
+    def settings(self) -> dict:
+        """The run's config: the one it recorded, else the one the page wrote for it ({} if none)."""
+        return self.config or _read_yaml(self.folder / UI_CONFIG) or {}
+
+    @property
+    def trained(self) -> bool:
+        """A finished, verified adapter (the manifest is written last) or a plain peft adapter."""
+        return (self.folder / ADAPTER_CONFIG).is_file() and (self.manifest is not None or self.config is None)
+
+    @property
+    def usable(self) -> Path | None:
+        """The folder to load for chat/compare/merge: the adapter, else the last complete checkpoint."""
+        if self.trained:
+            return self.folder
+        return self.checkpoints[-1] if self.checkpoints else None
+
+    @property
+    def key(self) -> str:
+        """The dropdown value: the name, or NAME/checkpoint-N for an unfinished run."""
+        usable = self.usable
+        return self.name if usable is None or usable == self.folder else f"{self.name}/{usable.name}"
+
+    @property
+    def label(self) -> str:
+        usable = self.usable
+        if usable is not None and usable != self.folder:
+            return f"{self.name} @ {usable.name} (unfinished run)"
+        return self.name
+
+    def summary_row(self) -> list:
+        """Name, status, base, data, LoRA, steps, final train loss, eval loss, created."""
+        m, c = self.manifest or {}, self.config or {}
+        t, lora, data = m.get("training") or {}, m.get("lora") or {}, m.get("data") or {}
+        status = "trained" if self.manifest else ("peft adapter" if self.trained else (
+            f"unfinished ({self.checkpoints[-1].name})" if self.checkpoints else "no adapter yet"))
+        targets = lora.get("target_modules", c.get("lora_target_modules"))
+        data_path = data.get("path") or c.get("data_path") or ""
+        records = f" ({data['records']} records)" if data.get("records") else ""
+        losses = [r["loss"] for r in read_log_records(self.folder) if isinstance(r.get("loss"), (int, float))]
+        final = losses[-1] if losses else None
+        base = str(m.get("base_model") or c.get("base_model") or "")
+        return [self.name, status, Path(base).name if "/" in base and Path(base).exists() else base,
+                (Path(data_path).name + records) if data_path else "",
+                f"r={lora.get('r', c.get('lora_r', '?'))} alpha={lora.get('alpha', c.get('lora_alpha', '?'))} "
+                f"{_targets_text(targets)}",
+                t.get("global_steps", ""), _round(final), _round(t.get("eval_loss")),
+                (m.get("created") or "")[:19].replace("T", " ")]
+
+
+SUMMARY_HEADERS = ["adapter", "status", "base model", "data", "LoRA", "steps", "final train loss",
+                   "eval loss", "created"]
+
+
+def _targets_text(targets) -> str:
+    if isinstance(targets, list):
+        return ",".join(targets)
+    return str(targets or "")
+
+
+def _round(v):
+    return round(v, 4) if isinstance(v, (int, float)) else ""
+
+
+def read_log_records(output_dir: str | Path) -> list[dict]:
+    """train_log.jsonl, tolerating a line the trainer is writing right now."""
+    path = Path(output_dir) / TRAIN_LOG
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
+def _read_yaml(path: Path) -> dict | None:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError, UnicodeDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+class Workdir:
+    def __init__(self, root: str | Path):
+        self.root = Path(root).expanduser().resolve()
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def _dir(self, name: str) -> Path:
+        path = self.root / name
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    data_dir = property(lambda self: self._dir("data"))
+    adapters_dir = property(lambda self: self._dir("adapters"))
+    models_dir = property(lambda self: self._dir("models"))
+    merged_dir = property(lambda self: self._dir("merged"))
+    eval_dir = property(lambda self: self._dir("eval"))
+
+    # ---- datasets ---------------------------------------------------------------------------
+    def datasets(self) -> list[Path]:
+        """Data files under data/, except the demo data (offered by its own choices)."""
+        demo = self.data_dir / "demo"
+        return sorted(p for p in self.data_dir.rglob("*")
+                      if p.is_file() and p.suffix.lower() in DATA_SUFFIXES and demo not in p.parents)
+
+    def dataset_choices(self, heldout: bool = False) -> list[tuple[str, str]]:
+        """(label, value) pairs: the demo data first, then data/ files by their relative path."""
+        demo = [DEMO_TRAIN, DEMO_HELDOUT] if heldout else [DEMO_TRAIN]
+        return ([(DEMO_LABELS[d], d) for d in demo]
+                + [(str(p.relative_to(self.data_dir)), str(p)) for p in self.datasets()])
+
+    def resolve_dataset(self, value: str) -> Path:
+        """A dropdown value -> the data file (the demo data is written on first use)."""
+        if not value:
+            raise LorakitError("dataset: choose one (or upload a file)")
+        if value in (DEMO_TRAIN, DEMO_HELDOUT):
+            folder = self.data_dir / "demo"
+            train, held = folder / "train.jsonl", folder / "heldout.jsonl"
+            if not (train.is_file() and held.is_file()):
+                write_demo_data(folder)
+            return train if value == DEMO_TRAIN else held
+        path = Path(value)
+        if not path.is_file():
+            raise LorakitError(f"dataset: {value} does not exist (any more)")
+        return path
+
+    def dataset_value(self, path: str | Path) -> str:
+        """The dropdown value for a data file (the demo's own choice for the demo data)."""
+        path = Path(path).resolve()
+        if path == (self.data_dir / "demo" / "train.jsonl").resolve():
+            return DEMO_TRAIN
+        if path == (self.data_dir / "demo" / "heldout.jsonl").resolve():
+            return DEMO_HELDOUT
+        return str(path)
+
+    def save_upload(self, uploaded: str | Path, original_name: str | None = None) -> Path:
+        """Check an uploaded file as training data (the same loader training uses) and copy it
+        into data/. Bad files raise DataError naming the file by its own name and the record."""
+        uploaded = Path(uploaded)
+        name = Path(original_name or uploaded.name).name
+        if Path(name).suffix.lower() not in DATA_SUFFIXES:
+            raise DataError(name, f"unsupported file kind {Path(name).suffix or '(no extension)'!r}; "
+                                  "upload a .json, .jsonl, .csv or .parquet file")
+        try:
+            loaded = load_examples(uploaded)
+        except DataError as e:  # name the file as the user knows it, not gradio's temp path
+            raise DataError(name, str(e).replace(f"{uploaded}: ", "", 1)) from None
+        if not loaded.examples:
+            raise DataError(name, "holds no records")
+        stem, suffix = Path(name).stem, Path(name).suffix.lower()
+        stem = re.sub(r"[^A-Za-z0-9._-]+", "_", stem).strip("._") or "data"
+        target = self.data_dir / f"{stem}{suffix}"
+        n = 1
+        while target.exists() and target.read_bytes() != uploaded.read_bytes():
+            target = self.data_dir / f"{stem}-{n}{suffix}"
+            n += 1
+        if not target.exists():
+            shutil.copyfile(uploaded, target)
+        return target
+
+    # ---- adapters ---------------------------------------------------------------------------
+    def adapter(self, name: str) -> AdapterInfo:
+        folder = self.adapters_dir / name
+        return AdapterInfo(name=name, folder=folder, manifest=_read_json(folder / MANIFEST),
+                           config=_read_yaml(folder / CONFIG_RECORD),
+                           checkpoints=complete_checkpoints(folder) if folder.is_dir() else [])
+
+    def adapters(self) -> list[AdapterInfo]:
+        """Run folders (and plain peft adapters) under adapters/, newest first."""
+        folders = [p for p in self.adapters_dir.iterdir()
+                   if p.is_dir() and not p.name.startswith(".")
+                   and ((p / ADAPTER_CONFIG).is_file() or (p / CONFIG_RECORD).is_file() or (p / UI_CONFIG).is_file())]
+        folders.sort(key=lambda p: p.stat().st_mtime, reverse=True)
+        return [self.adapter(p.name) for p in folders]
+
+    def adapter_choices(self) -> list[tuple[str, str]]:
+        """(label, key) of every adapter that can be loaded (finished, or a run's last checkpoint)."""
+        return [(a.label, a.key) for a in self.adapters() if a.usable is not None]
+
+    def resolve_adapter(self, key: str) -> Path:
+        """A dropdown key (NAME or NAME/checkpoint-N) -> the folder to load."""
+        if not key:
+            raise LorakitError("adapter: choose one")
+        path = (self.adapters_dir / key).resolve()
+        if self.adapters_dir.resolve() not in path.parents or not (path / ADAPTER_CONFIG).is_file():
+            raise LorakitError(f"adapter: {key} is not an adapter in {self.adapters_dir}")
+        if path.name.startswith("checkpoint-") and not (path / CHECKPOINT_MARKER).is_file():
+            raise LorakitError(f"adapter: {key} was not completely written (the run died while saving it)")
+        return path
+
+    # ---- base models ------------------------------------------------------------------------
+    def base_model_choices(self) -> list[tuple[str, str]]:
+        """The built-in aliases (fetched on first use), cached conversions, and model folders
+        under models/ and merged/."""
+        cached = {m.name: m for m in list_cached()}
+        choices = []
+        for alias in ALIASES:
+            note = "default" if alias == DEFAULT_BASE_MODEL else ""
+            note += ("" if alias in cached else (", " if note else "") + "fetched on first use")
+            choices.append((f"{alias} ({note})" if note else alias, alias))
+        for name, model in cached.items():
+            if name not in ALIASES:
+                choices.append((f"cache: {name}", str(model.path)))
+        for sub in ("models", "merged"):
+            for folder in sorted((self.root / sub).glob("*/config.json")):
+                choices.append((f"{sub}/{folder.parent.name}", str(folder.parent)))
+        return choices

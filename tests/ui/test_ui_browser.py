@@ -1,0 +1,236 @@
+"""The page in a real browser: Playwright (Python) drives Debian's chromium, headless, against a
+live `lorakit ui` whose base model is the tiny random Llama. Upload data (a bad file first),
+train a few steps, watch the progress reach Done, chat with the new adapter, see base and
+adapter answer side by side, evaluate. A screenshot of each tab goes to test-artifacts/ui/
+(or $LORAKIT_TEST_ARTIFACTS).
+
+The browser is Debian's package, never Playwright's download: the set-up below installs it
+with apt-get when it is missing and this user may (root, or sudo without a password). Without
+it the test is skipped with the reason, except where LORAKIT_REQUIRE_BROWSER=1 (CI): then it fails.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+CHROMIUM = Path("/usr/bin/chromium")
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+        "--disable-sync", "--no-first-run"]
+TIMEOUT_MS = 60_000
+
+pytestmark = pytest.mark.timeout(600)
+
+
+def _artifacts() -> Path:
+    folder = Path(os.environ.get("LORAKIT_TEST_ARTIFACTS") or REPO / "test-artifacts" / "ui")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def _install_chromium() -> str | None:
+    """Make /usr/bin/chromium exist (apt-get, as root or with passwordless sudo); None when it
+    does, else why not."""
+    if CHROMIUM.is_file():
+        return None
+    if shutil.which("apt-get") is None:
+        return f"{CHROMIUM} is missing and there is no apt-get to install it (Debian's chromium package)"
+    if getattr(os, "geteuid", lambda: -1)() == 0:
+        prefix = []
+    elif shutil.which("sudo") and subprocess.run(["sudo", "-n", "true"], capture_output=True).returncode == 0:
+        prefix = ["sudo", "-n"]
+    else:
+        return f"{CHROMIUM} is missing and installing it needs root: sudo apt-get install -y chromium"
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    install = [*prefix, "apt-get", "install", "-y", "--no-install-recommends", "chromium"]
+    if subprocess.run(install, env=env, capture_output=True, timeout=900).returncode != 0:
+        subprocess.run([*prefix, "apt-get", "update"], env=env, capture_output=True, timeout=900)
+        r = subprocess.run(install, env=env, capture_output=True, text=True, timeout=900)
+        if r.returncode != 0:
+            return f"apt-get install chromium failed: {(r.stderr or r.stdout).strip().splitlines()[-1:]}"
+    return None if CHROMIUM.is_file() else f"apt-get installed chromium but {CHROMIUM} is still missing"
+
+
+def _unavailable(reason: str):
+    if os.environ.get("LORAKIT_REQUIRE_BROWSER") == "1":
+        pytest.fail(f"LORAKIT_REQUIRE_BROWSER=1 but {reason}")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        _unavailable("playwright is not installed (pip install -e '.[dev]')")
+    reason = _install_chromium()
+    if reason:
+        _unavailable(reason)
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=ARGS)
+        yield b
+        b.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tiny_model_dir):
+    """`lorakit ui` on a free port; the workdir holds the tiny model as models/tiny-llama."""
+    root = tmp_path_factory.mktemp("ui-browser")
+    workdir = root / "workdir"
+    shutil.copytree(tiny_model_dir, workdir / "models" / "tiny-llama")
+    port = _free_port()
+    log = (root / "ui.log").open("wb")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "LORAKIT_HOME": str(root / "lorakit-home"), "GRADIO_ANALYTICS_ENABLED": "False"}
+    proc = subprocess.Popen([sys.executable, "-m", "lorakit.cli", "ui", "--workdir", str(workdir), "--port", str(port)],
+                            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=root)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.time() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    break
+        except OSError:
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            pytest.fail(f"lorakit ui did not start:\n{(root / 'ui.log').read_text()[-3000:]}")
+        time.sleep(0.5)
+    yield {"url": url, "workdir": workdir, "root": root, "log": root / "ui.log"}
+    proc.send_signal(signal.SIGTERM)  # the page closes like on Ctrl-C
+    try:
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
+    shutil.copy(root / "ui.log", _artifacts() / "server.log")
+
+
+def _choose(page, elem_id: str, option: str) -> None:
+    page.locator(f"#{elem_id} input").click()
+    page.get_by_role("option", name=option).first.click()
+
+
+def test_train_chat_compare_in_a_browser(browser, server, tmp_path):
+    from playwright.sync_api import expect
+
+    shots = _artifacts()
+    (shots / "failure.png").unlink(missing_ok=True)  # from an earlier failed run
+    good = tmp_path / "sums.json"
+    good.write_text(json.dumps([{"instruction": f"What is {i} plus {i}?", "input": "",
+                                 "output": f"{i} plus {i} is {2 * i}."} for i in range(24)]))
+    bad = tmp_path / "broken.json"
+    bad.write_text('[{"instruction": "no answer field"}]')
+
+    page = browser.new_page(viewport={"width": 1280, "height": 1000})
+    page.set_default_timeout(TIMEOUT_MS)
+    try:
+        page.goto(server["url"])
+        page.wait_for_selector("#train-start")
+
+        # ---- Train: base model, a refused upload, a good one, the preview
+        page.get_by_text("More settings").click()  # (a field filled while it opens may be reset)
+        _choose(page, "train-base", "models/tiny-llama")
+        page.locator("#train-upload input[type=file]").set_input_files(str(bad))
+        expect(page.locator("#train-upload-msg")).to_contain_text("Upload refused")
+        expect(page.locator("#train-upload-msg")).to_contain_text("broken.json: record 0")
+        page.locator("#train-upload input[type=file]").set_input_files(str(good))
+        expect(page.locator("#train-upload-msg")).to_contain_text("Saved as data/sums.json")
+        expect(page.locator("#preview-info")).to_contain_text("record 1 of 24 (alpaca, template alpaca)")
+        expect(page.locator("#train-preview")).to_contain_text("0 plus 0 is 0.")
+        expect(page.locator("#train-preview")).to_contain_text("trained (in the loss)")
+
+        # ---- a short run
+        page.locator("#train-name input, #train-name textarea").first.fill("browser-lora")
+        page.locator("#train-max-steps input").fill("200")  # a few seconds: long enough to be watched
+        page.locator("#train-batch input").fill("2")
+        page.locator("#train-micro-batch input").fill("2")
+        page.locator("#train-save-steps input").fill("40")  # opened above, settled since
+        expect(page.locator("#train-save-steps input")).to_have_value("40")
+        page.locator("#train-start").click()
+        expect(page.locator("#train-command")).to_contain_text("lorakit train ")
+        expect(page.locator("#train-command")).to_contain_text("browser-lora/train.yaml")
+        seen, deadline = [], time.time() + 180
+        while time.time() < deadline:  # the page keeps answering while the run goes on
+            line = page.locator("#train-progress").inner_text()
+            if not seen or seen[-1] != line:
+                seen.append(line)
+            if "done" in line or "failed" in line:
+                break
+            page.wait_for_timeout(250)
+        status = page.locator("#train-status").inner_text()
+        assert "Done" in status, f"{status}\n{seen[-5:]}"
+        assert any("training · step" in s and "tokens/s" in s and "time left" in s for s in seen), seen
+        assert "browser-lora: done · step 200/200 · loss " in seen[-1]
+        expect(page.locator("#train-loss-chart .mark-line path").first).to_be_attached()  # the loss curve
+        run = server["workdir"] / "adapters" / "browser-lora"
+        assert "save_steps: 40\n" in (run / "train.yaml").read_text()  # the form's config, saved
+        assert (run / "checkpoint-200" / "lorakit_checkpoint.json").is_file()
+        page.screenshot(path=str(shots / "train.png"), full_page=True)
+
+        # ---- Models: the new adapter and its manifest
+        page.get_by_role("tab", name="Models").click()
+        expect(page.locator("#models-table")).to_contain_text("browser-lora")
+        _choose(page, "models-adapter", "browser-lora")
+        expect(page.locator("#models-manifest")).to_contain_text('"global_steps": 200')
+        page.screenshot(path=str(shots / "models.png"), full_page=True)
+
+        # ---- Chat with the adapter (streamed into the chatbot)
+        page.get_by_role("tab", name="Chat").click()
+        _choose(page, "chat-adapter", "browser-lora")
+        page.locator("#chat-system textarea").fill("You are a calculator.")
+        page.locator("#chat-input textarea").fill("What is 3 plus 3?")
+        page.locator("#chat-send").click()
+        expect(page.locator("#chat-status")).to_contain_text("answered by browser-lora")
+        expect(page.locator('#chat-bot [data-testid="user"]')).to_contain_text("What is 3 plus 3?")
+        assert page.locator('#chat-bot [data-testid="bot"]').inner_text().strip()
+        page.screenshot(path=str(shots / "chat.png"), full_page=True)
+
+        # ---- Compare: the base and the adapter answer side by side
+        page.get_by_role("tab", name="Compare").click()
+        page.locator("#compare-prompt textarea").fill("What is 5 plus 5?")
+        _choose(page, "compare-adapters", "browser-lora")
+        page.keyboard.press("Escape")
+        page.locator("#compare-run").click()
+        expect(page.locator("#compare-status")).to_contain_text("template alpaca")
+        expect(page.locator("#compare-answer-1")).to_contain_text("browser-lora")
+        expect(page.locator("#compare-answer-1 textarea")).not_to_have_value("...")
+        answers = [page.locator(f"#compare-answer-{i} textarea").input_value() for i in (0, 1)]
+        assert all(a.strip() and a != "..." for a in answers), answers
+        expect(page.locator("#compare-answer-0")).to_contain_text("base (tiny-llama)")
+        page.screenshot(path=str(shots / "compare.png"), full_page=True)
+
+        # ---- Evaluate: lorakit eval on the uploaded file, its report on the page
+        page.get_by_role("tab", name="Evaluate").click()
+        _choose(page, "eval-data", "sums.json")
+        page.keyboard.press("Escape")
+        _choose(page, "eval-adapters", "browser-lora")
+        page.keyboard.press("Escape")
+        page.locator("#eval-limit input").fill("2")
+        page.locator("#eval-max-tokens input").fill("8")
+        page.locator("#eval-run").click()
+        expect(page.locator("#eval-status")).to_contain_text("Report in")
+        expect(page.locator("#eval-table")).to_contain_text("browser-lora")
+        page.screenshot(path=str(shots / "evaluate.png"), full_page=True)
+    except BaseException:
+        page.screenshot(path=str(shots / "failure.png"), full_page=True)
+        raise
+    finally:
+        page.close()

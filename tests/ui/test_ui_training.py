@@ -1,0 +1,193 @@
+"""Training from the page: form values -> validated config -> a `lorakit train` process the page
+follows (progress, Done, failure) and can stop, keeping the last complete checkpoint."""
+import json
+import signal
+import sys
+import time
+
+import pytest
+
+from lorakit.config import load_config
+from lorakit.errors import ConfigError, LorakitError
+from lorakit.train.callbacks import CHECKPOINT_MARKER, complete_checkpoints
+from lorakit.ui.training import (RunManager, TrainingRun, build_config, error_summary, form_defaults,
+                                 format_duration, output_lines, prepare_run, stop_signal, values_from_config)
+
+
+def test_form_starts_from_the_usual_defaults():
+    d = form_defaults()
+    assert (d["lora_r"], d["lora_alpha"], d["learning_rate"], d["lora_target_modules"]) == (8, 16, 3e-4, ["q_proj", "v_proj"])
+    assert d["base_model"] == "smollm2-135m" and d["prompt_template_name"] == "alpaca"
+    assert d["logging_steps"] == 1  # a loss point per step for the live chart
+
+
+def test_build_config_validates_and_names_the_key(tmp_path):
+    values = form_defaults()
+    cfg = build_config({**values, "lora_r": 16.0, "max_steps": 0, "batch_size": 8.0, "micro_batch_size": 2},
+                       tmp_path / "d.json", tmp_path / "out")
+    assert cfg.lora_r == 16 and cfg.max_steps == -1 and cfg.batch_size == 8  # 0 on the form = by epochs
+    with pytest.raises(ConfigError, match=r"^settings: lora_r: .*greater than 0"):
+        build_config({**values, "lora_r": 0}, "d.json", "out")
+    with pytest.raises(ConfigError, match="batch_size .*multiple of micro_batch_size"):
+        build_config({**values, "batch_size": 10, "micro_batch_size": 4}, "d.json", "out")
+    with pytest.raises(ConfigError, match="lr_scheduler_type"):
+        build_config({**values, "lr_scheduler_type": "sometimes"}, "d.json", "out")
+
+
+def test_values_from_a_recorded_config_fill_the_form():
+    values = values_from_config({"lora_r": 32, "lora_target_modules": "all-linear", "output_dir": "x", "seed": 3})
+    assert values["lora_r"] == 32 and values["lora_target_modules"] == "all-linear" and values["seed"] == 3
+    assert "output_dir" not in values and values["lora_alpha"] == 16
+
+
+def test_prepare_run_writes_a_config_the_cli_repeats(workdir, tiny_base, alpaca_file):
+    values = {**form_defaults(), "base_model": tiny_base, "max_steps": 5}
+    run = prepare_run(workdir, values, alpaca_file, name="first")
+    assert run.config_path == workdir.adapters_dir / "first" / "train.yaml"
+    cfg = load_config(run.config_path)  # exactly what `lorakit train train.yaml` reads
+    assert cfg.base_model == tiny_base and cfg.data_path == str(alpaca_file) and cfg.max_steps == 5
+    assert cfg.output_dir == str(workdir.adapters_dir / "first")
+    assert run.command_line == f"lorakit train {run.config_path}"
+    assert run.argv[1:4] == ["-m", "lorakit.cli", "train"]
+    auto = prepare_run(workdir, values, alpaca_file)
+    assert auto.name.startswith("lora-sums-")
+    (workdir.adapters_dir / "first" / "manifest.json").write_text("{}")
+    with pytest.raises(LorakitError, match="already holds a trained adapter"):
+        prepare_run(workdir, values, alpaca_file, name="first")
+    with pytest.raises(LorakitError, match="no complete checkpoint"):
+        prepare_run(workdir, values, alpaca_file, name="first", resume=True)
+    with pytest.raises(LorakitError, match="adapter name"):
+        prepare_run(workdir, values, alpaca_file, name="../elsewhere")
+
+
+BAR_LOG = ("$ lorakit train x.yaml\nlorakit data: 24 alpaca records\nlorakit model: tiny\n"
+           "\r  0%|          | 0/30 [00:00<?, ?it/s]"
+           "\r 10%|█         | 3/30 [00:03<00:27,  1.00it/s, loss=2.1000, tok/s=300]"
+           "\r 20%|██        | 6/30 [00:06<00:24,  1.00it/s, loss=2.0000, tok/s=310]\n"
+           "\r 50%|█████     | 1/2 [00:00<00:00, 50.0it/s]")  # an evaluation bar: not the training's
+
+
+def _fake_run(tmp_path, script: str, total=None) -> TrainingRun:
+    """A TrainingRun whose process is a short script instead of the trainer."""
+    out = tmp_path / "run"
+    out.mkdir(exist_ok=True)
+
+    class Fake(TrainingRun):
+        @property
+        def argv(self):
+            return [sys.executable, "-c", script]
+    return Fake("fake", out, out / "train.yaml", [], total_steps=total).start()
+
+
+def test_progress_comes_from_the_bar_and_the_log(tmp_path):
+    log = tmp_path / "bar.txt"
+    log.write_text(BAR_LOG)
+    script = (f"import sys, time; sys.stdout.write(open({str(log)!r}).read()); sys.stdout.flush(); time.sleep(30)")
+    run = _fake_run(tmp_path, script)
+    (run.output_dir / "train_log.jsonl").write_text(
+        "".join(json.dumps({"step": s, "loss": 3.0 - s / 10, "tokens_per_s": 300.0 + s}) + "\n" for s in range(1, 6))
+        + '{"step": 6, "lo')  # a line being written
+    try:
+        deadline = time.time() + 20
+        while (st := run.status()).total is None and time.time() < deadline:
+            time.sleep(0.2)
+        assert (st.step, st.total, st.eta_s) == (6, 30, 27.0 - 3.0)
+        assert st.loss == pytest.approx(2.5) and st.tokens_per_s == pytest.approx(303.0)
+        assert [p["step"] for p in st.points] == [1, 2, 3, 4, 5] and st.log_lines == 5
+        line = st.progress_line()
+        assert line.startswith("step 6/30 · loss 2.5000 · 303 tokens/s · elapsed ") and "time left 0:24" in line
+        assert st.phase == "lorakit model: tiny"
+    finally:
+        run.stop(grace_s=2)
+        run.wait(10)
+
+
+@pytest.mark.parametrize("script, state, expected", [
+    ("import sys; print('lorakit data: ...'); print('error: data_path: x.json: file not found', file=sys.stderr); "
+     "sys.exit(2)", "failed", "error: data_path: x.json: file not found"),
+    ("import sys; print('Traceback (most recent call last):'); print('  File \"x.py\", line 1'); "
+     "print('RuntimeError: out of memory'); sys.exit(1)", "failed", "RuntimeError: out of memory"),
+])
+def test_a_failed_run_shows_why(tmp_path, script, state, expected):
+    run = _fake_run(tmp_path, script)
+    run.wait(20)
+    st = run.status()
+    assert st.state == state and expected in st.message and "Training failed" in st.message
+
+
+def test_stop_escalates_when_the_run_ignores_sigint(tmp_path):
+    run = _fake_run(tmp_path, "import signal, time; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+                              "print('lorakit model: tiny', flush=True); time.sleep(120)")
+    _wait(lambda: "lorakit model" in run.log_path.read_text(), 30, "the child to start")
+    t0 = time.time()
+    run.stop(grace_s=1)
+    assert run.wait(30) is not None and time.time() - t0 < 10  # SIGTERM after 1 s
+    assert run.status().state == "stopped"
+
+
+def test_stop_uses_sigterm_where_sigint_is_ignored():
+    assert stop_signal() == signal.SIGINT
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # as under `lorakit ui &`: children inherit it
+    try:
+        assert stop_signal() == signal.SIGTERM
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def test_output_lines_and_durations():
+    assert output_lines("a\rb\rc\nd\n\r  \n") == ["c", "d"]
+    assert error_summary("x\nerror: first\nmore\nerror: last\n") == "error: last"
+    assert (format_duration(5), format_duration(65), format_duration(3725), format_duration(None)) == (
+        "0:05", "1:05", "1:02:05", "?")
+
+
+# ---- the real trainer: stop keeps the last complete checkpoint, resume continues; a failure is shown
+
+def _wait(predicate, timeout, what):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        time.sleep(0.25)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_stop_keeps_the_last_checkpoint_and_resume_continues(workdir, tiny_base, alpaca_file):
+    values = {**form_defaults(), "base_model": tiny_base, "max_steps": 100000, "batch_size": 2,
+              "micro_batch_size": 2, "save_steps": 3, "save_total_limit": 2}
+    runs = RunManager()
+    run = runs.start(prepare_run(workdir, values, alpaca_file, name="long"))
+    with pytest.raises(LorakitError, match="a run is in progress"):
+        runs.start(prepare_run(workdir, values, alpaca_file, name="second"))
+    try:
+        _wait(lambda: complete_checkpoints(run.output_dir) and run.status().state == "training", 180,
+              "a complete checkpoint")
+    finally:
+        assert runs.stop()
+    assert run.wait(60) is not None
+    st = run.status()
+    kept = complete_checkpoints(run.output_dir)
+    assert st.state == "stopped", run.log_path.read_text()[-2000:]
+    assert kept and (kept[-1] / CHECKPOINT_MARKER).is_file() and not (run.output_dir / "manifest.json").exists()
+    assert f"Kept: **{kept[-1].name}**" in st.message and "resume_from_checkpoint=true" in st.message
+    assert workdir.adapter("long").key == f"long/{kept[-1].name}"  # chat with it meanwhile
+
+    step = int(kept[-1].name.split("-")[1])
+    again = prepare_run(workdir, {**values, "max_steps": step + 2}, alpaca_file, name="long", resume=True)
+    assert again.command_line.endswith("resume_from_checkpoint=true")
+    runs.start(again)
+    assert again.wait(180) == 0, again.log_path.read_text()[-3000:]
+    st = again.status()
+    assert st.state == "done" and "**Done**: " in st.message
+    manifest = json.loads((again.output_dir / "manifest.json").read_text())
+    assert manifest["training"]["global_steps"] == step + 2
+    assert manifest["training"]["resumed_from"].endswith(kept[-1].name)
+
+
+def test_a_training_error_reaches_the_page(workdir, tiny_base, alpaca_file):
+    values = {**form_defaults(), "base_model": tiny_base, "max_steps": 2, "lora_target_modules": ["nope_proj"]}
+    run = RunManager().start(prepare_run(workdir, values, alpaca_file, name="bad"))
+    assert run.wait(120) == 2
+    st = run.status()
+    assert st.state == "failed"
+    assert "error: lora_target_modules: the model has no module named nope_proj" in st.message

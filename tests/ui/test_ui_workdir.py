@@ -1,0 +1,103 @@
+"""The workdir: datasets (uploads checked like training data), the demo data, adapters and base models."""
+import json
+
+import pytest
+
+from random_adapter import make_random_adapter
+from lorakit.errors import DataError, LorakitError
+from lorakit.train.callbacks import CHECKPOINT_MARKER
+from lorakit.ui.workdir import DEMO_HELDOUT, DEMO_TRAIN, check_name
+
+
+def test_demo_data_is_offered_first_and_written_on_first_use(workdir):
+    choices = workdir.dataset_choices()
+    assert choices[0][1] == DEMO_TRAIN and "Marlowe" in choices[0][0]
+    assert DEMO_HELDOUT in [v for _, v in workdir.dataset_choices(heldout=True)]
+    train = workdir.resolve_dataset(DEMO_TRAIN)
+    assert train.is_file() and len(train.read_text().splitlines()) == 120
+    assert workdir.resolve_dataset(DEMO_HELDOUT).is_file()
+    assert workdir.datasets() == []  # the demo files are not listed twice
+
+
+def test_upload_is_checked_and_copied(workdir, alpaca_file, tmp_path):
+    saved = workdir.save_upload(alpaca_file)
+    assert saved == workdir.data_dir / "sums.json" and saved.read_bytes() == alpaca_file.read_bytes()
+    assert (str(saved.relative_to(workdir.data_dir)), str(saved)) in workdir.dataset_choices()
+    assert workdir.save_upload(alpaca_file) == saved  # the same file again: no copy
+    other = tmp_path / "other" / "sums.json"
+    other.parent.mkdir()
+    other.write_text(json.dumps([{"instruction": "a", "output": "b"}]))
+    assert workdir.save_upload(other).name == "sums-1.json"
+
+
+@pytest.mark.parametrize("name, content, expected", [
+    ("bad.json", '[{"instruction": "hi"}]', "bad.json: record 0: cannot tell the data format"),
+    ("broken.jsonl", '{"instruction": "a", "output": "b"}\n{"instruction": ', "broken.jsonl: line 2"),
+    ("notes.txt", "hello", "notes.txt: unsupported file kind '.txt'"),
+    ("empty.json", "[]", "empty.json"),
+])
+def test_bad_upload_names_the_file_and_record(workdir, tmp_path, name, content, expected):
+    upload = tmp_path / "gradio-temp-123" / name  # gradio keeps the name under a temp folder
+    upload.parent.mkdir()
+    upload.write_text(content)
+    with pytest.raises(DataError) as e:
+        workdir.save_upload(upload)
+    assert str(e.value).startswith(expected), str(e.value)
+    assert "gradio-temp-123" not in str(e.value)
+    assert workdir.datasets() == []
+
+
+def _checkpoint(run, step, tiny_model_dir, complete=True):
+    folder = make_random_adapter(tiny_model_dir, run / f"checkpoint-{step}")
+    if complete:
+        (folder / CHECKPOINT_MARKER).write_text("{}")
+    return folder
+
+
+def test_adapters_finished_unfinished_and_plain_peft(workdir, tiny_model_dir):
+    done = make_random_adapter(tiny_model_dir, workdir.adapters_dir / "done")
+    (done / "manifest.json").write_text(json.dumps({
+        "base_model": str(tiny_model_dir), "created": "2025-01-01T10:00:00+00:00",
+        "data": {"path": "/x/sums.json", "records": 24}, "lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj"]},
+        "training": {"global_steps": 6, "eval_loss": None}}))
+    (done / "lorakit_config.yaml").write_text(f"base_model: {tiny_model_dir}\nlora_r: 4\n")
+    (done / "train_log.jsonl").write_text('{"step": 5, "loss": 2.5}\n{"step": 6, "loss": 2.25}\n')
+    stopped = workdir.adapters_dir / "stopped"
+    stopped.mkdir()
+    (stopped / "lorakit_config.yaml").write_text(f"base_model: {tiny_model_dir}\nprompt_template_name: alpaca_short\n")
+    _checkpoint(stopped, 2, tiny_model_dir)
+    _checkpoint(stopped, 4, tiny_model_dir, complete=False)  # died while saving: not offered
+    make_random_adapter(tiny_model_dir, workdir.adapters_dir / "plain")  # saved by plain peft
+
+    by_name = {a.name: a for a in workdir.adapters()}
+    assert set(by_name) == {"done", "stopped", "plain"}
+    assert by_name["done"].trained and by_name["done"].key == "done"
+    assert by_name["stopped"].key == "stopped/checkpoint-2" and "unfinished" in by_name["stopped"].label
+    assert by_name["plain"].trained
+    keys = [k for _, k in workdir.adapter_choices()]
+    assert sorted(keys) == ["done", "plain", "stopped/checkpoint-2"]
+    assert workdir.resolve_adapter("stopped/checkpoint-2") == (stopped / "checkpoint-2").resolve()
+
+    row = dict(zip(["name", "status", "base", "data", "lora", "steps", "loss", "eval", "created"],
+                   by_name["done"].summary_row()))
+    assert row["status"] == "trained" and row["data"] == "sums.json (24 records)" and row["steps"] == 6
+    assert row["loss"] == 2.25 and row["lora"] == "r=4 alpha=8 q_proj"
+    assert by_name["stopped"].summary_row()[1] == "unfinished (checkpoint-2)"
+    assert by_name["stopped"].settings()["prompt_template_name"] == "alpaca_short"
+
+    for bad in ("../done", "stopped/checkpoint-4", "nothing", ""):
+        with pytest.raises(LorakitError):
+            workdir.resolve_adapter(bad)
+
+
+def test_base_models_offer_the_alias_and_local_folders(workdir):
+    values = [v for _, v in workdir.base_model_choices()]
+    assert values[0] == "smollm2-135m"
+    assert str(workdir.models_dir / "tiny-llama") in values
+
+
+@pytest.mark.parametrize("name", ["", "../x", "a b", ".hidden", "x" * 81])
+def test_bad_names_are_refused(name):
+    with pytest.raises(LorakitError):
+        check_name(name)
+    assert check_name(" run-1.b_2 ") == "run-1.b_2"
