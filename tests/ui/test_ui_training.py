@@ -126,9 +126,11 @@ def test_stop_escalates_when_the_run_ignores_sigint(tmp_path):
 
 
 def test_stop_uses_sigterm_where_sigint_is_ignored():
-    assert stop_signal() == signal.SIGINT
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # as under `lorakit ui &`: children inherit it
+    # set both dispositions here: the test itself may run under `&` or nohup, where SIGINT is ignored
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
+        assert stop_signal() == signal.SIGINT
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # as under `lorakit ui &`: children inherit it
         assert stop_signal() == signal.SIGTERM
     finally:
         signal.signal(signal.SIGINT, previous)
