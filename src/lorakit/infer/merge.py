@@ -11,6 +11,7 @@ import torch
 
 from ..data.templates import TEMPLATE_RECORD
 from ..errors import LorakitError
+from ..files import move_into_place
 from ..models.loading import load_model, load_tokenizer, resolve_model_path
 from ..models.registry import DEFAULT_BASE_MODEL
 from .adapters import load_adapter
@@ -46,13 +47,7 @@ def merge_adapter(adapter: str | Path, out: str | Path, base: str | None = None,
             shutil.copy2(adapter_dir / TEMPLATE_RECORD, staging / TEMPLATE_RECORD)
         (staging / "lorakit_merge.json").write_text(json.dumps(
             {"base_model": base, "adapter": str(adapter_dir.resolve()), "dtype": dtype}, indent=2) + "\n")
-        if out.exists():
-            trash = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.rename(out, trash)
-            os.rename(staging, out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.rename(staging, out)
+        move_into_place(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from ..errors import LorakitError, ModelError
+from ..files import move_into_place
 from .adapters import ADAPTER_CONFIG, FLOAT_WEIGHTS, INT8_WEIGHTS, adapter_format, check_adapter_dir
 
 SCALE_SUFFIX = "::int8_scale"
@@ -215,13 +216,7 @@ def quantize_adapter(src: str | Path, out: str | Path, force: bool = False) -> d
             except json.JSONDecodeError:
                 pass  # copied as it was
         figures["copied_files"] = copied
-        if out.exists():
-            trash = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.rename(out, trash)
-            os.rename(staging, out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.rename(staging, out)
+        move_into_place(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return figures
