@@ -1,9 +1,60 @@
-"""Writing outputs so that nothing half-written is ever left where a user looks."""
+"""Writing outputs so that nothing half-written is ever left where a user looks.
+
+Every file lorakit writes for a user goes through ``atomic_write_*`` (a temp file in the same
+folder, flushed and fsynced, then ``os.replace``d over the final name); every finished folder
+goes through ``move_into_place``. These are the only two ways.
+"""
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import IO, Any
+
+TEMP_SUFFIX = ".tmp"  # a hidden ``.NAME.XXXX.tmp`` beside the final name; never read by lorakit
+
+
+@contextmanager
+def atomic_open(path: str | Path) -> Iterator[IO[bytes]]:
+    """A binary file to write ``path`` through: the data goes to a hidden temp file in the same
+    folder, flushed and fsynced, and replaces ``path`` only when the block ends without an error.
+    A reader sees the old file or the whole new one; an error or a kill leaves the old one."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; an output is for sharing, like any file
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` so that a reader sees either the old file or the whole new one."""
+    with atomic_open(path) as f:
+        f.write(data)
+    return Path(path)
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | Path, data: Any) -> Path:
+    return atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
 def move_into_place(staging: Path, out: Path) -> None:

@@ -12,7 +12,7 @@ import time
 import pytest
 from safetensors.torch import load_file
 
-from lorakit.train.callbacks import CHECKPOINT_MARKER
+from lorakit.runfolder import CHECKPOINT_MARKER
 
 
 def lorakit_cmd(*args):

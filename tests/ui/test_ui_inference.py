@@ -8,7 +8,7 @@ from random_adapter import make_random_adapter
 from lorakit.data.records import Turn
 from lorakit.errors import LorakitError
 from lorakit.infer.generate import GenerationParams, Generator
-from lorakit.train.callbacks import CHECKPOINT_MARKER
+from lorakit.runfolder import CHECKPOINT_MARKER
 from lorakit.ui.evaluation import merge_into_workdir, run_evaluation
 from lorakit.ui.inference import ModelSession, adapter_base, adapter_template, speaker_for
 from lorakit.ui.preview import TRAINED, preview_record, target_module_choices

@@ -9,7 +9,7 @@ import pytest
 
 from lorakit.config import load_config
 from lorakit.errors import ConfigError, LorakitError
-from lorakit.train.callbacks import CHECKPOINT_MARKER, complete_checkpoints
+from lorakit.runfolder import CHECKPOINT_MARKER, complete_checkpoints
 from lorakit.ui.training import (RunManager, TrainingRun, build_config, error_summary, form_defaults,
                                  format_duration, output_lines, prepare_run, stop_signal, values_from_config)
 

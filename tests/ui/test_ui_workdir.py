@@ -5,7 +5,7 @@ import pytest
 
 from random_adapter import make_random_adapter
 from lorakit.errors import DataError, LorakitError
-from lorakit.train.callbacks import CHECKPOINT_MARKER
+from lorakit.runfolder import CHECKPOINT_MARKER
 from lorakit.ui.workdir import DEMO_HELDOUT, DEMO_TRAIN, check_name
 
 

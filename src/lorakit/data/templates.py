@@ -18,10 +18,11 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
+from ..files import atomic_write_text
+from ..runfolder import TEMPLATE_RECORD, read_template_record
 from .records import Example, Turn
 
 BUILTIN_DIR = Path(__file__).parent / "templates"
-TEMPLATE_RECORD = "lorakit_template.json"
 _TEMPLATE_KEYS = ("prompt_input", "prompt_no_input", "response_split")
 
 
@@ -142,9 +143,7 @@ class PromptTemplate:
         return json.dumps(self.to_record(), indent=2, ensure_ascii=False) + "\n"
 
     def save(self, folder: str | Path) -> Path:
-        path = Path(folder) / TEMPLATE_RECORD
-        path.write_text(self.to_json(), encoding="utf-8")
-        return path
+        return atomic_write_text(Path(folder) / TEMPLATE_RECORD, self.to_json())
 
 
 def template_from_record(rec: dict[str, Any]) -> PromptTemplate:
@@ -197,7 +196,5 @@ def load_template(name_or_path: str, tokenizer=None) -> PromptTemplate:
 
 def template_for_folder(folder: str | Path) -> PromptTemplate | None:
     """The template recorded in an adapter or merged-model folder, if any."""
-    path = Path(folder) / TEMPLATE_RECORD
-    if not path.is_file():
-        return None
-    return template_from_record(json.loads(path.read_text(encoding="utf-8")))
+    record = read_template_record(folder)
+    return template_from_record(record) if record is not None else None

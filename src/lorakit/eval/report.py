@@ -15,6 +15,9 @@ import os
 import tempfile
 from pathlib import Path
 
+from ..files import atomic_write_bytes
+from ..runfolder import EVAL_REPORT
+
 # Quality metrics in display order; other unknown non-efficiency keys are appended after these.
 QUALITY_METRICS = ["loss", "perplexity", "exact_match", "f1", "bleu", "rouge_l", "contains"]
 EFFICIENCY_METRICS = ["latency_p50_s", "latency_p95_s", "tokens_per_s", "peak_memory_mib"]
@@ -86,23 +89,6 @@ def _jsonable(obj):
     if obj is None or isinstance(obj, (str, int, float, bool)):
         return obj
     return str(obj)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a report is for sharing, like any file
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
 
 
 # ---- reading the result ------------------------------------------------------------------------
@@ -377,7 +363,7 @@ def write_report(result: dict, out_dir: Path) -> dict[str, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     paths: dict[str, Path] = {}
 
-    _atomic_write(out_dir / "report.json",
+    atomic_write_bytes(out_dir / EVAL_REPORT,
                   json.dumps(_jsonable(result), ensure_ascii=False, indent=2).encode("utf-8"))
     paths["json"] = out_dir / "report.json"
 
@@ -389,13 +375,13 @@ def write_report(result: dict, out_dir: Path) -> dict[str, Path]:
         if data is None:
             path.unlink(missing_ok=True)  # no stale plot from an earlier run in this folder
             continue
-        _atomic_write(path, data)
+        atomic_write_bytes(path, data)
         paths[key] = path
         plots.append(PLOTS[key])
 
     tables = _tables(result)
-    _atomic_write(out_dir / "report.md", _render_md(result, tables, plots).encode("utf-8"))
+    atomic_write_bytes(out_dir / "report.md", _render_md(result, tables, plots).encode("utf-8"))
     paths["markdown"] = out_dir / "report.md"
-    _atomic_write(out_dir / "report.html", _render_html(result, tables, plots).encode("utf-8"))
+    atomic_write_bytes(out_dir / "report.html", _render_html(result, tables, plots).encode("utf-8"))
     paths["html"] = out_dir / "report.html"
     return paths

@@ -21,7 +21,7 @@ from ..data.tokenize import ExampleTokenizer
 from ..errors import LorakitError
 from ..infer.adapters import adapter_param_count, adapter_weights_file, check_adapter_dir, load_adapter
 from ..infer.generate import GenerationParams, Generator
-from ..train.callbacks import read_train_log
+from ..runfolder import read_train_log
 from .metrics import METRICS, score_all
 from .report import write_report
 

@@ -19,9 +19,8 @@ from pathlib import Path
 
 from ..errors import ModelError
 
-ADAPTER_CONFIG = "adapter_config.json"
-FLOAT_WEIGHTS = "adapter_model.safetensors"
-INT8_WEIGHTS = "adapter_model.int8.safetensors"
+from ..runfolder import ADAPTER_CONFIG, INT8_WEIGHTS  # noqa: F401 - re-exported
+from ..runfolder import ADAPTER_WEIGHTS as FLOAT_WEIGHTS
 PICKLE_WEIGHTS = "adapter_model.bin"
 
 

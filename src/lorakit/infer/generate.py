@@ -17,7 +17,8 @@ from ..data.records import Turn
 from ..data.templates import PromptTemplate, load_template, template_for_folder
 from ..data.tokenize import encode_prompt
 from ..models.loading import load_model, load_tokenizer, resolve_model_path
-from ..models.registry import ALIASES, DEFAULT_BASE_MODEL
+from ..models.registry import DEFAULT_BASE_MODEL
+from ..runfolder import recorded_base_model  # noqa: F401 - re-exported
 from .adapters import check_adapter_dir, load_adapter  # noqa: F401 - check_adapter_dir re-exported
 
 DEFAULT_ADAPTER_NAME = "default"  # the name the first adapter has, as with PeftModel.from_pretrained
@@ -42,23 +43,6 @@ class GenerationParams:
         else:
             kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         return kw
-
-
-def recorded_base_model(adapter: str | Path) -> str | None:
-    """The base model an adapter was trained on: lorakit's manifest, else peft's config."""
-    folder = Path(adapter)
-    manifest = folder / "manifest.json"
-    if manifest.is_file():
-        record = json.loads(manifest.read_text(encoding="utf-8"))
-        base, local = record.get("base_model"), record.get("base_model_path")
-        # a relative folder name only works from the training directory: prefer the absolute path
-        if base and base not in ALIASES and not Path(base).exists() and local and Path(local).exists():
-            return local
-        return base
-    cfg = folder / "adapter_config.json"
-    if cfg.is_file():
-        return json.loads(cfg.read_text(encoding="utf-8")).get("base_model_name_or_path")
-    return None
 
 
 class Generator:

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import torch
 
-from ..data.templates import TEMPLATE_RECORD
 from ..errors import LorakitError
-from ..files import move_into_place
+from ..files import atomic_write_json, move_into_place
 from ..models.loading import load_model, load_tokenizer, resolve_model_path
 from ..models.registry import DEFAULT_BASE_MODEL
 from .adapters import load_adapter
-from .generate import check_adapter_dir, recorded_base_model
+from ..runfolder import MERGE_RECORD, TEMPLATE_RECORD, recorded_base_model
+from .adapters import check_adapter_dir
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -45,8 +45,8 @@ def merge_adapter(adapter: str | Path, out: str | Path, base: str | None = None,
         tokenizer.save_pretrained(str(staging))
         if (adapter_dir / TEMPLATE_RECORD).is_file():
             shutil.copy2(adapter_dir / TEMPLATE_RECORD, staging / TEMPLATE_RECORD)
-        (staging / "lorakit_merge.json").write_text(json.dumps(
-            {"base_model": base, "adapter": str(adapter_dir.resolve()), "dtype": dtype}, indent=2) + "\n")
+        atomic_write_json(staging / MERGE_RECORD,
+                          {"base_model": base, "adapter": str(adapter_dir.resolve()), "dtype": dtype})
         move_into_place(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

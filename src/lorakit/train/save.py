@@ -20,10 +20,8 @@ from safetensors.torch import load_file
 
 from ..errors import LorakitError
 
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
-MANIFEST = "manifest.json"
-STAGING_PREFIX = ".saving-"
+from ..files import atomic_write_json, atomic_write_text
+from ..runfolder import ADAPTER_CONFIG, ADAPTER_WEIGHTS, MANIFEST, STAGING_PREFIX
 
 
 class AdapterVerificationError(LorakitError):
@@ -34,12 +32,6 @@ def clean_stale_staging(output_dir: Path) -> None:
     """Remove staging folders left by a save that was interrupted."""
     for p in Path(output_dir).glob(STAGING_PREFIX + "*"):
         shutil.rmtree(p, ignore_errors=True)
-
-
-def write_json_atomic(path: Path, data) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _lora_state(model) -> dict[str, torch.Tensor]:
@@ -130,13 +122,13 @@ def save_verified_adapter(model, tokenizer, output_dir: Path, extra_files: dict[
             model.save_pretrained(str(staging))
         tokenizer.save_pretrained(str(staging))
         for name, text in extra_files.items():
-            (staging / name).write_text(text, encoding="utf-8")
+            atomic_write_text(staging / name, text)
         check = verify_adapter(model, staging, probe_ids)
         (output_dir / MANIFEST).unlink(missing_ok=True)
         for f in sorted(staging.iterdir()):
             os.replace(f, output_dir / f.name)
         manifest = {**manifest, "verification": check}
-        write_json_atomic(output_dir / MANIFEST, manifest)
+        atomic_write_json(output_dir / MANIFEST, manifest)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return manifest

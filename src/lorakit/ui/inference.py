@@ -27,7 +27,7 @@ from ..errors import LorakitError, ModelError
 from ..infer.adapters import base_model_of, check_adapter_dir, load_adapter, unload_adapter
 from ..infer.generate import GenerationParams, recorded_base_model
 from ..models.loading import load_model, load_tokenizer, resolve_model_path
-from ..train.recipe import CONFIG_RECORD
+from ..runfolder import ADAPTER_CONFIG, CONFIG_RECORD, MANIFEST
 
 
 def _run_folder(adapter: Path) -> Path:
@@ -39,7 +39,7 @@ def adapter_base(adapter: str | Path) -> str | None:
     """The base model an adapter (or a run's checkpoint) was trained on."""
     adapter = Path(adapter)
     run = _run_folder(adapter)
-    if (run / "manifest.json").is_file():
+    if (run / MANIFEST).is_file():
         return recorded_base_model(run)
     config = run / CONFIG_RECORD
     if config.is_file():
@@ -293,7 +293,7 @@ def speaker_for(workdir, adapter_key: str | None, default_base: str) -> Speaker:
 def manifest_text(folder: Path) -> str:
     """An adapter's manifest (or peft config) as indented JSON for the Models tab."""
     run = _run_folder(Path(folder))
-    for path in (run / "manifest.json", Path(folder) / "adapter_config.json"):
+    for path in (run / "manifest.json", Path(folder) / ADAPTER_CONFIG):
         if path.is_file():
             try:
                 return json.dumps(json.loads(path.read_text(encoding="utf-8")), indent=2, ensure_ascii=False)

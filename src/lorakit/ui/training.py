@@ -29,8 +29,7 @@ from pydantic import ValidationError
 
 from ..config import TrainConfig, _format_validation_error, dump_config
 from ..errors import ConfigError, LorakitError
-from ..train.callbacks import complete_checkpoints
-from ..train.save import MANIFEST
+from ..runfolder import MANIFEST, complete_checkpoints
 from .workdir import UI_CONFIG, UI_LOG, Workdir, check_name, read_log_records
 
 # The TrainConfig keys the Train tab sets; everything else keeps TrainConfig's default.

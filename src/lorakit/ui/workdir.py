@@ -23,9 +23,8 @@ from ..data.demo import write_demo_data
 from ..data.loader import load_examples
 from ..errors import DataError, LorakitError
 from ..models.registry import ALIASES, DEFAULT_BASE_MODEL, list_cached
-from ..train.callbacks import CHECKPOINT_MARKER, TRAIN_LOG, complete_checkpoints
-from ..train.recipe import CONFIG_RECORD
-from ..train.save import ADAPTER_CONFIG, MANIFEST
+from ..runfolder import (ADAPTER_CONFIG, CHECKPOINT_MARKER, CONFIG_RECORD, MANIFEST, TRAIN_LOG,  # noqa: F401
+                         complete_checkpoints, read_train_log)
 
 DATA_SUFFIXES = (".json", ".jsonl", ".ndjson", ".csv", ".parquet")
 # Dropdown values for the demo data (written into data/demo/ when first chosen).
@@ -118,20 +117,7 @@ def _round(v):
     return round(v, 4) if isinstance(v, (int, float)) else ""
 
 
-def read_log_records(output_dir: str | Path) -> list[dict]:
-    """train_log.jsonl, tolerating a line the trainer is writing right now."""
-    path = Path(output_dir) / TRAIN_LOG
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict):
-            records.append(record)
-    return records
+read_log_records = read_train_log  # the one reader, tolerant of a line being written
 
 
 def _read_yaml(path: Path) -> dict | None:
