@@ -55,7 +55,9 @@ def train(
 def config_help_cmd():
     """List every config key with its default and meaning."""
     from .config import config_help
+    from .data.templates import TEMPLATE_POLICY
     typer.echo(config_help())
+    typer.echo("\n" + TEMPLATE_POLICY)
 
 
 def _params(max_new_tokens, temperature, top_p, top_k, num_beams, repetition_penalty, seed):
@@ -74,7 +76,8 @@ def generate(
     adapter: Optional[Path] = typer.Option(None, help="LoRA adapter folder (lorakit or plain peft)."),
     input: str = typer.Option("", "--input", help="Optional input/context for the instruction."),
     system: str = typer.Option("", help="Optional system prompt."),
-    template: Optional[str] = typer.Option(None, help="Prompt template (default: the one the adapter recorded)."),
+    template: Optional[str] = typer.Option(None, help="Prompt template (default: the template policy, see "
+                                           "`lorakit config-help`: the adapter's, else the base's chat template)."),
     max_new_tokens: int = typer.Option(256, help="Most tokens to generate."),
     temperature: float = typer.Option(0.0, help="0 = greedy."),
     top_p: float = typer.Option(1.0),
@@ -103,10 +106,7 @@ def generate(
         table.add_row(base_answer, tuned)
         Console().print(table)
         return
-    streamer = None
-    if sys.stdout.isatty():
-        from transformers import TextStreamer
-        streamer = TextStreamer(gen.tokenizer, skip_prompt=True, skip_special_tokens=True)
+    streamer = gen.streamer() if sys.stdout.isatty() else None
     answer = gen.generate(instruction, input=input, system=system, params=params, streamer=streamer)
     if streamer is None:
         typer.echo(answer)
@@ -117,15 +117,14 @@ def chat(
     base: Optional[str] = typer.Option(None, help="Base model (default: the adapter's base, else smollm2-135m)."),
     adapter: Optional[Path] = typer.Option(None, help="LoRA adapter folder."),
     system: str = typer.Option("", help="System prompt (a character)."),
-    template: Optional[str] = typer.Option(None, help="Prompt template (default: the adapter's)."),
+    template: Optional[str] = typer.Option(None, help="Prompt template (default: the template policy: the "
+                                           "adapter's, else the base's chat template)."),
     max_new_tokens: int = typer.Option(256),
     temperature: float = typer.Option(0.0),
     top_p: float = typer.Option(1.0),
     seed: Optional[int] = typer.Option(None),
 ):
     """Interactive multi-turn chat. /reset clears the history, /exit (or Ctrl-D) quits."""
-    from transformers import TextStreamer
-
     from .data.records import Turn
     from .infer.generate import Generator
 
@@ -135,7 +134,7 @@ def chat(
     typer.echo(f"chatting with {gen.base}" + (f" + {adapter}" if adapter else "") +
                f" (template {gen.template.name}); /reset, /exit")
     history: list[Turn] = []
-    streamer = TextStreamer(gen.tokenizer, skip_prompt=True, skip_special_tokens=True) if sys.stdout.isatty() else None
+    streamer = gen.streamer() if sys.stdout.isatty() else None
     while True:
         try:
             line = input("you> ").strip()
@@ -257,8 +256,8 @@ def serve(
     max_prompt_tokens: Optional[int] = typer.Option(None, help="Longest prompt (default: the model's context)."),
     max_tokens_limit: int = typer.Option(1024, help="Largest max_tokens a request may ask for."),
     max_body_bytes: int = typer.Option(1 << 20, help="Largest request body."),
-    template: Optional[str] = typer.Option(None, help="Prompt template for the base model's chat "
-                                           "(adapters use the one they recorded)."),
+    template: Optional[str] = typer.Option(None, help="Prompt template for the base model (default: the "
+                                           "template policy: its own chat template; adapters use theirs)."),
     dtype: str = typer.Option("auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16."),
     trust_remote_code: bool = typer.Option(False, help="Run the model repository's own code (off by default)."),
 ):

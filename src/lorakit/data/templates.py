@@ -6,9 +6,12 @@ Two kinds:
   template by file path.
 - ``chat``: the tokenizer's own chat template (multi-turn, system prompt).
 
-A template renders an Example into segments (text, trained?) for training, and builds the
-prompt for inference. The adapter folder records the template (``lorakit_template.json``) so
-``generate`` uses the same one by default.
+A template renders an Example into segments (text, trained?) for training, builds the prompt
+for inference, and declares where a turn ends (``stops``): generation in every path stops there
+as well as at EOS. The adapter folder records the template (``lorakit_template.json``).
+
+The template policy (``resolve_template``) is the one rule every path uses to pick a template:
+generate, chat, compare, eval, serve, the UI and export. See TEMPLATE_POLICY below.
 """
 from __future__ import annotations
 
@@ -19,11 +22,27 @@ from typing import Any
 
 from ..errors import ConfigError
 from ..files import atomic_write_text
-from ..runfolder import TEMPLATE_RECORD, read_template_record
+from ..runfolder import CHECKPOINT_PREFIX, TEMPLATE_RECORD, read_config_record, read_template_record
 from .records import Example, Turn
 
 BUILTIN_DIR = Path(__file__).parent / "templates"
 _TEMPLATE_KEYS = ("prompt_input", "prompt_no_input", "response_split")
+DEFAULT_TEMPLATE = "alpaca"  # what training uses unless told otherwise (Alpaca-LoRA's default)
+
+TEMPLATE_POLICY = """\
+Which prompt template a model is prompted with (one rule for generate, chat, compare, eval,
+serve, the UI and export):
+  1. a template named explicitly (--template, prompt_template_name, the UI's field) always wins;
+  2. an adapter, or a model merged from one, uses the template it was trained with (recorded in
+     its folder as lorakit_template.json; for a checkpoint, its run's); an adapter that recorded
+     none (plain peft) uses alpaca, lorakit's and Alpaca-LoRA's training default;
+  3. a base model alone uses its own chat template when its tokenizer has one (what its authors
+     trained it on), else alpaca;
+  4. in a comparison (generate --compare, the UI's Compare tab, eval of base vs adapters) the base
+     is prompted with the adapter's template, so both see the same prompt.
+Generation stops at the template's turn markers (alpaca: '### Instruction:', '### Response:',
+'### Input:'; a chat template: its end-of-turn token, e.g. <|im_end|>) as well as at EOS, and
+never streams part of one. A template file may list its own markers under "stop"."""
 
 
 def builtin_template_names() -> list[str]:
@@ -45,6 +64,7 @@ class PromptTemplate:
     prompt_no_input: str = ""
     response_split: str = ""
     chat_template: str | None = None  # kind "chat": the tokenizer's Jinja template
+    stop: tuple[str, ...] | None = None  # turn markers given by the template file; None = derived
 
     # ---- inference ---------------------------------------------------------------------------
     def build_prompt(self, instruction: str, input: str = "", history: list[Turn] | None = None,
@@ -60,6 +80,28 @@ class PromptTemplate:
         if self.kind == "alpaca" and self.response_split and self.response_split in text:
             return text.split(self.response_split)[-1].strip()
         return text.strip()
+
+    def stops(self, tokenizer=None) -> "Stops":
+        """Where a turn ends: the strings and token ids at which generation must stop."""
+        if self.kind == "chat":
+            markers = list(self.stop) if self.stop is not None else _chat_end_of_turn(self, tokenizer)
+        else:
+            markers = list(self.stop) if self.stop is not None else self._alpaca_markers()
+        return Stops.of(markers, tokenizer)
+
+    def _alpaca_markers(self) -> list[str]:
+        """The header line before each placeholder ('### Instruction:', '### Input:') and the
+        response header: the text a model writes when it starts a turn that is not its own."""
+        markers = []
+        for tpl in (self.prompt_no_input, self.prompt_input):
+            for placeholder in ("{instruction}", "{input}"):
+                if placeholder in tpl:
+                    before = tpl.split(placeholder, 1)[0].rstrip().splitlines()
+                    if before and len(before[-1].strip()) >= 2 and "{" not in before[-1]:
+                        markers.append(before[-1].strip())
+        if self.response_split.strip():
+            markers.append(self.response_split.strip())
+        return list(dict.fromkeys(markers))
 
     # ---- training ----------------------------------------------------------------------------
     def render(self, example: Example, tokenizer=None, for_generation: bool = False) -> list[Segment]:
@@ -137,6 +179,8 @@ class PromptTemplate:
             rec.update({k: getattr(self, k) for k in _TEMPLATE_KEYS})
         else:
             rec["chat_template"] = self.chat_template
+        if self.stop is not None:
+            rec["stop"] = list(self.stop)
         return rec
 
     def to_json(self) -> str:
@@ -146,13 +190,64 @@ class PromptTemplate:
         return atomic_write_text(Path(folder) / TEMPLATE_RECORD, self.to_json())
 
 
+@dataclass(frozen=True)
+class Stops:
+    """Where generation stops besides EOS: text markers (cut from the answer, never streamed)
+    and the token ids of markers that are one special token (skipped when decoding, so they are
+    caught by id, like EOS)."""
+    strings: tuple[str, ...] = ()
+    token_ids: tuple[int, ...] = ()
+
+    @classmethod
+    def of(cls, markers: list[str], tokenizer=None) -> "Stops":
+        ids: list[int] = []
+        if tokenizer is not None:
+            special = set(getattr(tokenizer, "all_special_tokens", []) or [])
+            special |= {str(t) for t in (getattr(tokenizer, "added_tokens_decoder", None) or {}).values()
+                        if getattr(t, "special", False)}
+            for m in markers:
+                if m in special:
+                    tid = tokenizer.convert_tokens_to_ids(m)
+                    if isinstance(tid, int) and tid != getattr(tokenizer, "unk_token_id", None):
+                        ids.append(tid)
+        return cls(strings=tuple(m for m in markers if m), token_ids=tuple(dict.fromkeys(ids)))
+
+    def eos_ids(self, tokenizer) -> list[int]:
+        """EOS first, then the marker tokens: what generate's ``eos_token_id`` takes."""
+        eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+        return list(dict.fromkeys(eos + list(self.token_ids)))
+
+
+def _chat_end_of_turn(template: PromptTemplate, tokenizer) -> list[str]:
+    """A chat template's end-of-turn marker: what it writes right after an assistant message
+    (``<|im_end|>`` for ChatML), else what comes between an assistant message and the next user
+    turn."""
+    if tokenizer is None:
+        return []
+    user, answer, again = "lorakit-user-3141", "lorakit-answer-2718", "lorakit-user-1618"
+    msgs = [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
+    try:
+        text = template._apply_chat(tokenizer, msgs, add_generation_prompt=False)
+        after = text.split(answer, 1)[1].strip() if answer in text else ""
+        if not after:
+            text = template._apply_chat(tokenizer, msgs + [{"role": "user", "content": again}], False)
+            between = text.split(answer, 1)[1].split(again, 1)[0] if answer in text and again in text else ""
+            after = between.strip().splitlines()[0].strip() if between.strip() else ""
+    except Exception:  # noqa: BLE001 - a template that cannot render this has no marker we can find
+        return []
+    eot = after.split()[0] if after else ""  # '<|im_end|>' of '<|im_end|>' (+ a newline)
+    return [eot] if eot else []
+
+
 def template_from_record(rec: dict[str, Any]) -> PromptTemplate:
     kind = rec.get("kind", "alpaca")
+    stop = rec.get("stop")
+    stop = tuple(str(s) for s in stop if str(s)) if isinstance(stop, list) else None
     if kind == "chat":
-        return PromptTemplate(name=rec.get("name", "chat"), kind="chat",
-                              description=rec.get("description", ""), chat_template=rec.get("chat_template"))
+        return PromptTemplate(name=rec.get("name", "chat"), kind="chat", description=rec.get("description", ""),
+                              chat_template=rec.get("chat_template"), stop=stop)
     return PromptTemplate(name=rec.get("name", "custom"), kind="alpaca",
-                          description=rec.get("description", ""),
+                          description=rec.get("description", ""), stop=stop,
                           **{k: rec[k] for k in _TEMPLATE_KEYS})
 
 
@@ -165,6 +260,9 @@ def _read_template_file(path: Path, name: str) -> PromptTemplate:
         raise ConfigError(f"prompt template {path}: expected a JSON object with keys {', '.join(_TEMPLATE_KEYS)}")
     if rec.get("kind") == "chat":
         return template_from_record(rec)
+    stop = rec.get("stop")
+    if stop is not None and (not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop)):
+        raise ConfigError(f"prompt template {path}: 'stop' must be a list of non-empty strings (the turn markers)")
     for key in _TEMPLATE_KEYS:
         if not isinstance(rec.get(key), str):
             raise ConfigError(f"prompt template {path}: missing or non-string key '{key}' "
@@ -198,3 +296,41 @@ def template_for_folder(folder: str | Path) -> PromptTemplate | None:
     """The template recorded in an adapter or merged-model folder, if any."""
     record = read_template_record(folder)
     return template_from_record(record) if record is not None else None
+
+
+def _run_of(folder: Path) -> Path:
+    """The training run an adapter folder belongs to (a checkpoint's parent)."""
+    return folder.parent if folder.name.startswith(CHECKPOINT_PREFIX) else folder
+
+
+def recorded_template(folder: str | Path, tokenizer=None) -> PromptTemplate | None:
+    """The template an adapter or merged folder was trained with: its record, its run's record
+    (for a checkpoint), else the template named in its run's config record."""
+    folder = Path(folder)
+    run = _run_of(folder)
+    for f in (folder, run):
+        recorded = template_for_folder(f)
+        if recorded is not None:
+            return recorded
+    name = (read_config_record(run) or {}).get("prompt_template_name")
+    return load_template(str(name), tokenizer) if name else None
+
+
+def resolve_template(*, name: str | None = None, adapter: str | Path | None = None,
+                     model_path: str | Path | None = None, tokenizer=None) -> PromptTemplate:
+    """THE template policy (TEMPLATE_POLICY): every path that prompts a model calls this.
+
+    ``name``: an explicit choice. ``adapter``: the adapter being used (also in a comparison, where
+    the base shares the adapter's template). ``model_path``: the base or merged model folder.
+    ``tokenizer``: the model's tokenizer (for its chat template)."""
+    if name:
+        return load_template(name, tokenizer)
+    if adapter is not None:
+        return recorded_template(adapter, tokenizer) or load_template(DEFAULT_TEMPLATE)
+    if model_path is not None and Path(model_path).is_dir():
+        recorded = template_for_folder(model_path)  # a merged model keeps its adapter's template
+        if recorded is not None:
+            return recorded
+    if tokenizer is not None and getattr(tokenizer, "chat_template", None):
+        return load_template("chat", tokenizer)
+    return load_template(DEFAULT_TEMPLATE)

@@ -1,8 +1,10 @@
 """Generation with a base model and, optionally, a LoRA adapter on top.
 
 One model in memory: the adapter is applied with peft, and ``use_adapter=False`` runs the base
-through ``disable_adapter()`` so ``--compare`` needs no second copy. Prompts are built by the
-same template object training used (recorded in the adapter folder), and tokenized the same way.
+through ``disable_adapter()`` so ``--compare`` needs no second copy. The template comes from the
+one template policy (``resolve_template``): the adapter's recorded one, which the base shares in a
+comparison; a base alone uses its own chat template. Generation stops at the template's turn
+markers as well as at EOS (``generate_kwargs``, ``answer_text``), in every path that generates.
 """
 from __future__ import annotations
 
@@ -14,12 +16,13 @@ from pathlib import Path
 import torch
 
 from ..data.records import Turn
-from ..data.templates import PromptTemplate, load_template, template_for_folder
+from ..data.templates import Stops, resolve_template
 from ..data.tokenize import encode_prompt
 from ..models.loading import load_model, load_tokenizer, resolve_model_path
 from ..models.registry import DEFAULT_BASE_MODEL
 from ..runfolder import recorded_base_model  # noqa: F401 - re-exported
 from .adapters import check_adapter_dir, load_adapter  # noqa: F401 - check_adapter_dir re-exported
+from .stops import StopIteratorStreamer, StopTextStreamer, cut_at_stop
 
 DEFAULT_ADAPTER_NAME = "default"  # the name the first adapter has, as with PeftModel.from_pretrained
 
@@ -45,6 +48,30 @@ class GenerationParams:
         return kw
 
 
+def generate_kwargs(params: GenerationParams, tokenizer, stops: Stops) -> dict:
+    """transformers ``generate`` arguments: the sampling parameters, EOS plus the template's
+    marker tokens, and its marker strings (``stop_strings``)."""
+    kw = params.to_kwargs(tokenizer)
+    kw["eos_token_id"] = stops.eos_ids(tokenizer)
+    if stops.strings:
+        kw.update(stop_strings=list(stops.strings), tokenizer=tokenizer)
+    return kw
+
+
+def answer_text(tokenizer, new_ids, stops: Stops) -> str:
+    """Generated ids -> the answer: decoded without special tokens, cut at the first marker."""
+    text = tokenizer.decode(new_ids, skip_special_tokens=True)
+    return cut_at_stop(text, stops.strings)[0].strip()
+
+
+def prompt_ids_for(template, tokenizer, instruction: str, input: str = "", history: list[Turn] | None = None,
+                   system: str = "") -> list[int]:
+    """The token ids a model is prompted with: the one way every path (generate, chat, eval,
+    serve, the UI) turns a message and its history into ids."""
+    prompt = template.build_prompt(instruction, input=input, history=history, system=system, tokenizer=tokenizer)
+    return encode_prompt(tokenizer, prompt)
+
+
 class Generator:
     def __init__(self, base: str | None = None, adapter: str | None = None, template: str | None = None,
                  dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
@@ -59,17 +86,15 @@ class Generator:
             model = load_adapter(model, self.adapter_dir, DEFAULT_ADAPTER_NAME)
         model.eval()
         self.model = model
-        self.template = self._pick_template(template, model_path)
+        # with an adapter, its template serves the base too (--compare, eval): the same prompt for both
+        self.template = resolve_template(name=template, adapter=self.adapter_dir, model_path=model_path,
+                                         tokenizer=self.tokenizer)
+        self.stops = self.template.stops(self.tokenizer)
 
-    def _pick_template(self, name: str | None, model_path: str) -> PromptTemplate:
-        if name:
-            return load_template(name, self.tokenizer)
-        for folder in (self.adapter_dir, Path(model_path)):
-            if folder is not None and folder.is_dir():
-                recorded = template_for_folder(folder)
-                if recorded is not None:
-                    return recorded
-        return load_template("alpaca")
+    def streamer(self, iterator: bool = False, **kwargs):
+        """A streamer (terminal, or an iterator for a thread) that stops at the template's markers."""
+        cls = StopIteratorStreamer if iterator else StopTextStreamer
+        return cls(self.tokenizer, self.stops.strings, skip_prompt=True, skip_special_tokens=True, **kwargs)
 
     @property
     def device(self) -> torch.device:
@@ -77,9 +102,7 @@ class Generator:
 
     def prompt_ids(self, instruction: str, input: str = "", history: list[Turn] | None = None,
                    system: str = "") -> list[int]:
-        prompt = self.template.build_prompt(instruction, input=input, history=history, system=system,
-                                            tokenizer=self.tokenizer)
-        return encode_prompt(self.tokenizer, prompt)
+        return prompt_ids_for(self.template, self.tokenizer, instruction, input, history, system)
 
     def _adapter_context(self, use_adapter: bool):
         if self.adapter_dir is None or use_adapter:
@@ -96,8 +119,8 @@ class Generator:
         ids = torch.tensor([self.prompt_ids(instruction, input, history, system)], device=self.device)
         with self._adapter_context(use_adapter):
             out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), streamer=streamer,
-                                      **params.to_kwargs(self.tokenizer))
-        return self.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+                                      **generate_kwargs(params, self.tokenizer, self.stops))
+        return answer_text(self.tokenizer, out[0, ids.shape[1]:], self.stops)
 
     @torch.no_grad()
     def generate_batch(self, instructions: list[str], inputs: list[str] | None = None,
@@ -118,12 +141,14 @@ class Generator:
             if params.seed is not None:
                 torch.manual_seed(params.seed)
             with self._adapter_context(use_adapter):
-                out = self.model.generate(input_ids=ids, attention_mask=mask, **params.to_kwargs(self.tokenizer))
-            answers += [self.tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in out]
+                out = self.model.generate(input_ids=ids, attention_mask=mask,
+                                          **generate_kwargs(params, self.tokenizer, self.stops))
+            answers += [answer_text(self.tokenizer, row[width:], self.stops) for row in out]
             self.last_new_tokens += [self._generated_length(row[width:]) for row in out]
         return answers
 
     def _generated_length(self, new_ids: torch.Tensor) -> int:
-        """Tokens generated for one row: up to and including the first EOS."""
-        eos = (new_ids == self.tokenizer.eos_token_id).nonzero()
+        """Tokens generated for one row: up to and including the first EOS or marker token."""
+        ends = torch.tensor(self.stops.eos_ids(self.tokenizer), device=new_ids.device)
+        eos = torch.isin(new_ids, ends).nonzero()
         return int(eos[0, 0]) + 1 if len(eos) else int(new_ids.numel())

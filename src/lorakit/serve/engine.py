@@ -31,10 +31,12 @@ import torch
 from peft import PeftModel
 
 from ..data.records import Turn
-from ..data.templates import PromptTemplate, load_template, template_for_folder
+from ..data.templates import PromptTemplate, Stops, resolve_template
 from ..data.tokenize import encode_prompt
 from ..errors import LorakitError
 from ..infer.adapters import base_model_of, check_adapter_dir, load_adapter, unload_adapter
+from ..infer.generate import prompt_ids_for
+from ..infer.stops import cut_at_stop, held_back
 from ..models.loading import load_model, load_tokenizer, resolve_model_path
 
 log = logging.getLogger("lorakit.serve")
@@ -60,7 +62,8 @@ class Request:
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
-    stop: list[str] = field(default_factory=list)
+    stop: list[str] = field(default_factory=list)  # the client's, plus the template's turn markers
+    stop_ids: frozenset[int] = frozenset()  # the template's marker tokens (set by submit)
     on_event: Callable[[str, object], None] | None = None  # ("delta", text) / ("done", finish_reason)
     # state, written by the worker
     ids: list[int] = field(default_factory=list)
@@ -88,6 +91,7 @@ class AdapterInfo:
     name: str
     path: Path
     template: PromptTemplate
+    stops: Stops = field(default_factory=Stops)
     loaded_at: float = field(default_factory=time.time)
     in_flight: int = 0
     unloading: bool = False
@@ -178,7 +182,9 @@ class Engine:
         # transformers renamed forward's past_key_values to cache (5.2x); take whichever this one has
         self._cache_arg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
         self.device = torch.device(device)
-        self.base_template = self._base_template(template, model_path)
+        # the template policy: the base alone is prompted with its own chat template (or the one named)
+        self.base_template = resolve_template(name=template, model_path=model_path, tokenizer=self.tokenizer)
+        self.base_stops = self.base_template.stops(self.tokenizer)
         eos = self.model.generation_config.eos_token_id
         eos = eos if isinstance(eos, list) else [eos] if eos is not None else []
         self.eos_ids = set(eos) | ({self.tokenizer.eos_token_id} - {None})
@@ -199,17 +205,6 @@ class Engine:
         self._worker.start()
 
     # ---- models ----------------------------------------------------------------------------
-    def _base_template(self, name: str | None, model_path: str) -> PromptTemplate:
-        if name:
-            return load_template(name, self.tokenizer)
-        folder = Path(model_path)
-        recorded = template_for_folder(folder) if folder.is_dir() else None
-        if recorded is not None:
-            return recorded
-        if getattr(self.tokenizer, "chat_template", None):
-            return load_template("chat", self.tokenizer)
-        return load_template("alpaca")
-
     def model_names(self) -> list[str]:
         with self._lock:
             return [self.base_name] + [a.name for a in self.adapters.values() if not a.unloading]
@@ -218,6 +213,11 @@ class Engine:
         if model == self.base_name:
             return self.base_template
         return self.adapters[model].template
+
+    def stops_for(self, model: str) -> Stops:
+        if model == self.base_name:
+            return self.base_stops
+        return self.adapters[model].stops
 
     def load_adapter(self, name: str, path: Path) -> AdapterInfo:
         """Load an adapter folder under ``name`` (between batches; blocks until done)."""
@@ -238,8 +238,8 @@ class Engine:
     def _do_load(self, name: str, folder: Path) -> AdapterInfo:
         self.model = load_adapter(self.model, folder, name)
         self.model.eval()
-        recorded = template_for_folder(folder)
-        info = AdapterInfo(name=name, path=folder, template=recorded or self.base_template)
+        template = resolve_template(adapter=folder, tokenizer=self.tokenizer)  # the one it was trained with
+        info = AdapterInfo(name=name, path=folder, template=template, stops=template.stops(self.tokenizer))
         with self._lock:
             self.adapters[name] = info
         self._update_adapter_gauge()
@@ -291,10 +291,8 @@ class Engine:
         for i, t in enumerate(turns):
             if t.role not in ("user", "assistant"):
                 raise EngineError(f"messages[{i}]: unknown role '{t.role}'", 400, param="messages")
-        template = self.template_for(model)
-        prompt = template.build_prompt(turns[-1].content, history=turns[:-1], system=system,
-                                       tokenizer=self.tokenizer)
-        return encode_prompt(self.tokenizer, prompt)
+        return prompt_ids_for(self.template_for(model), self.tokenizer, turns[-1].content, history=turns[:-1],
+                              system=system)
 
     def text_prompt_ids(self, prompt: str) -> list[int]:
         return encode_prompt(self.tokenizer, prompt)
@@ -316,8 +314,13 @@ class Engine:
                     raise EngineError(f"The model '{request.model}' does not exist", 404, "model_not_found",
                                       "model")
                 request.adapter = request.model
+                stops = info.stops
             else:
                 request.adapter = None
+                stops = self.base_stops
+            # every answer ends at its template's turn markers, as in generate and the UI
+            request.stop = list(dict.fromkeys(list(request.stop) + list(stops.strings)))
+            request.stop_ids = frozenset(stops.token_ids)
             if self._admitted >= self.max_queue:
                 raise EngineError(f"the server is at capacity ({self.max_queue} requests in progress); retry shortly",
                                   503, "overloaded")
@@ -456,7 +459,7 @@ class Engine:
                 continue
             if r.first_token_at is None:
                 r.first_token_at = now
-            if token in self.eos_ids:
+            if token in self.eos_ids or token in r.stop_ids:
                 self._finish(r, "stop")
                 continue
             r.ids.append(token)
@@ -477,8 +480,7 @@ class Engine:
     # ---- per-row text ----------------------------------------------------------------------
     def _cut(self, r: Request, text: str) -> tuple[str, bool]:
         """The text up to the first stop string, and whether one was found."""
-        cut = min((i for i in (text.find(s) for s in r.stop) if i >= 0), default=None)
-        return (text, False) if cut is None else (text[:cut], True)
+        return cut_at_stop(text, r.stop)
 
     def _advance_text(self, r: Request) -> None:
         text = self.tokenizer.decode(r.ids, skip_special_tokens=True)
@@ -489,10 +491,7 @@ class Engine:
             self._finish(r, "stop")
             return
         # never hand out the start of what may become a stop string
-        hold = 0
-        for s in r.stop:
-            hold = max([hold] + [k for k in range(1, min(len(s) - 1, len(text)) + 1) if text.endswith(s[:k])])
-        self._emit(r, len(text) - hold)
+        self._emit(r, len(text) - held_back(text, r.stop))
 
     def _emit(self, r: Request, upto: int) -> None:
         if upto > r.sent and r.on_event is not None:

@@ -4,8 +4,9 @@ and Models tabs.
 The base answers through ``disable_adapter()`` (or the plain model when no adapter is loaded),
 an adapter after ``set_adapter(name)``: one copy of the weights whatever the number of adapters.
 A lock serialises everything that touches the model, since the page's handlers run in threads.
-Prompts are built as ``lorakit generate`` builds them (the template the adapter recorded, the
-same tokenization as training).
+Prompts are built as ``lorakit generate`` builds them: the one template policy
+(``resolve_template``), the same prompt ids (``prompt_ids_for``), the same stops at the
+template's turn markers (``generate_kwargs``, ``answer_text``).
 """
 from __future__ import annotations
 
@@ -21,13 +22,14 @@ import torch
 import yaml
 
 from ..data.records import Turn
-from ..data.templates import PromptTemplate, load_template, template_for_folder
+from ..data.templates import PromptTemplate, recorded_template, resolve_template
 from ..data.tokenize import encode_prompt
 from ..errors import LorakitError, ModelError
 from ..infer.adapters import base_model_of, check_adapter_dir, load_adapter, unload_adapter
-from ..infer.generate import GenerationParams, recorded_base_model
+from ..infer.generate import GenerationParams, answer_text, generate_kwargs, prompt_ids_for, recorded_base_model
+from ..infer.stops import StopIteratorStreamer
 from ..models.loading import load_model, load_tokenizer, resolve_model_path
-from ..runfolder import ADAPTER_CONFIG, CONFIG_RECORD, MANIFEST
+from ..runfolder import ADAPTER_CONFIG, MANIFEST, read_config_record
 
 
 def _run_folder(adapter: Path) -> Path:
@@ -41,34 +43,13 @@ def adapter_base(adapter: str | Path) -> str | None:
     run = _run_folder(adapter)
     if (run / MANIFEST).is_file():
         return recorded_base_model(run)
-    config = run / CONFIG_RECORD
-    if config.is_file():
-        try:
-            base = (yaml.safe_load(config.read_text(encoding="utf-8")) or {}).get("base_model")
-        except yaml.YAMLError:
-            base = None
-        if base:
-            return str(base)
+    base = (read_config_record(run) or {}).get("base_model")
+    if base:
+        return str(base)
     return recorded_base_model(adapter)
 
 
-def adapter_template(adapter: str | Path, tokenizer) -> PromptTemplate | None:
-    """The template an adapter was trained with: its record, its run's record, else its run's config."""
-    adapter = Path(adapter)
-    run = _run_folder(adapter)
-    for folder in (adapter, run):
-        recorded = template_for_folder(folder)
-        if recorded is not None:
-            return recorded
-    config = run / CONFIG_RECORD
-    if config.is_file():
-        try:
-            name = (yaml.safe_load(config.read_text(encoding="utf-8")) or {}).get("prompt_template_name")
-        except yaml.YAMLError:
-            name = None
-        if name:
-            return load_template(str(name), tokenizer)
-    return None
+adapter_template = recorded_template  # the template an adapter (or its run) recorded
 
 
 def base_key(base: str) -> str:
@@ -167,21 +148,10 @@ class ModelSession:
 
     # ---- generating -------------------------------------------------------------------------
     def template_for(self, speaker: Speaker | None, name: str | None = None) -> PromptTemplate:
-        """The chosen template, else the adapter's recorded one (or a merged model's), else for the
-        base alone its own chat template when it has one, else alpaca."""
-        if name:
-            return load_template(name, self.tokenizer)
-        if speaker is not None and speaker.adapter_folder is not None:
-            recorded = adapter_template(speaker.adapter_folder, self.tokenizer)
-            if recorded is not None:
-                return recorded
-        if self.model_path and Path(self.model_path).is_dir():
-            recorded = template_for_folder(self.model_path)  # a merged model's
-            if recorded is not None:
-                return recorded
-        if (speaker is None or speaker.adapter_folder is None) and getattr(self.tokenizer, "chat_template", None):
-            return load_template("chat", self.tokenizer)
-        return load_template("alpaca")  # what `lorakit generate` uses for an adapter that recorded none
+        """The template policy (``resolve_template``) for this speaker: the one named, else the
+        adapter's, else the base's own chat template (or a merged model's record)."""
+        adapter = speaker.adapter_folder if speaker is not None else None
+        return resolve_template(name=name, adapter=adapter, model_path=self.model_path, tokenizer=self.tokenizer)
 
     @contextmanager
     def _speaking(self, speaker: Speaker):
@@ -199,8 +169,7 @@ class ModelSession:
             yield base_model_of(model)
 
     def _prompt(self, template: PromptTemplate, message: str, history: list[Turn], system: str) -> torch.Tensor:
-        prompt = template.build_prompt(message, history=history, system=system, tokenizer=self.tokenizer)
-        return torch.tensor([encode_prompt(self.tokenizer, prompt)])
+        return torch.tensor([prompt_ids_for(template, self.tokenizer, message, history=history, system=system)])
 
     def _generate(self, speaker: Speaker, template: PromptTemplate, message: str, history: list[Turn],
                   system: str, params: GenerationParams, streamer=None, stop: threading.Event | None = None) -> str:
@@ -210,18 +179,20 @@ class ModelSession:
         if params.seed is not None:
             torch.manual_seed(params.seed)
         criteria = StoppingCriteriaList([_StopWhenSet(stop)]) if stop is not None else None
+        stops = template.stops(self.tokenizer)
+        if streamer is not None:
+            streamer.filter.stops = list(stops.strings)
         with torch.no_grad(), self._speaking(speaker) as model:
             out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), streamer=streamer,
-                                 stopping_criteria=criteria, **params.to_kwargs(self.tokenizer))
-        return self.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+                                 stopping_criteria=criteria, **generate_kwargs(params, self.tokenizer, stops))
+        return answer_text(self.tokenizer, out[0, ids.shape[1]:], stops)
 
     def stream(self, speaker: Speaker, message: str, history: list[Turn] | None = None, system: str = "",
                params: GenerationParams | None = None, template: str | None = None) -> Iterator[str]:
         """The answer so far, growing as tokens come (TextIteratorStreamer fed by a thread)."""
-        from transformers import TextIteratorStreamer
-
         params = params or GenerationParams()
-        streamer = TextIteratorStreamer(None, skip_prompt=True, skip_special_tokens=True)
+        # the template's stop strings are set once the template is known (in _generate)
+        streamer = StopIteratorStreamer(None, (), skip_prompt=True, skip_special_tokens=True)
         stop, failure = threading.Event(), []
 
         def work():
