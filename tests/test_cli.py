@@ -170,3 +170,34 @@ def test_data_check_real_data(shared_datasets, tiny_model_dir, env, tmp_path, na
     over = re.search(r"over cutoff_len=64: (\d+) \(", out)
     assert over, out
     assert 0 < int(over.group(1)) <= records
+
+
+# ---- lorakit train: rules across keys refuse the config before any data or model is read -----------
+
+@pytest.mark.parametrize("text, overrides, needles", [
+    pytest.param("lora_r: 16\n", [], ["cfg.yaml: data_path: required (a .json"], id="no-data_path"),
+    pytest.param("data_path: nosuch.json\n", ["early_stopping_patience=2"],
+                 ["cfg.yaml: early_stopping_patience (2) needs a validation set", "val_set_size"],
+                 id="early-stopping-without-validation"),
+    pytest.param("data_path: nosuch.json\nval_set_size: 4\nsave_steps: 30\neval_steps: 20\n", [],
+                 ["cfg.yaml: save_steps (30) must be a multiple of eval_steps (20)"], id="steps-conflict"),
+    pytest.param("data_path: nosuch.json\n", ["batch_size=6", "micro_batch_size=4"],
+                 ["cfg.yaml: batch_size (6)", "micro_batch_size (4)"], id="batch-not-multiple"),
+])
+def test_train_rule_across_keys_fails_before_anything_loads(tmp_path, env, text, overrides, needles):
+    # the base model and the data do not exist: a line about them would mean they were looked at first
+    (tmp_path / "cfg.yaml").write_text("base_model: ./no/such/model\noutput_dir: out\n" + text, encoding="utf-8")
+    r = lorakit("train", "cfg.yaml", *overrides, cwd=tmp_path, env=env)
+    line = assert_user_error(r, *needles)
+    assert "no/such/model" not in line and "loading" not in r.stdout + r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_train_only_save_steps_set_evaluation_follows(tmp_path, env):
+    """save_steps alone with a validation set is no error: the run gets past the config (to the
+    missing base model), evaluation following the save interval."""
+    (tmp_path / "cfg.yaml").write_text("base_model: ./no/such/model\ndata_path: d.json\nval_set_size: 1\n"
+                                       "save_steps: 30\n", encoding="utf-8")
+    (tmp_path / "d.json").write_text(json.dumps(GOOD), encoding="utf-8")
+    r = lorakit("train", "cfg.yaml", cwd=tmp_path, env=env)
+    assert_user_error(r, "./no/such/model")

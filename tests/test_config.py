@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import yaml
+from pydantic import ValidationError
 
 from lorakit.config import TrainConfig, config_help, dump_config, load_config, parse_override
 from lorakit.errors import ConfigError
@@ -105,8 +106,8 @@ def test_dump_config_round_trips(tmp_path):
 
 
 def test_empty_file_gives_defaults(tmp_path):
-    assert load_config(write(tmp_path, "# nothing\n")) == TrainConfig()
-    assert load_config(None) == TrainConfig()
+    assert load_config(write(tmp_path, "# nothing\n"), for_training=False) == TrainConfig()
+    assert load_config(None, for_training=False) == TrainConfig()
 
 
 # ---- overrides ----------------------------------------------------------------------------------
@@ -136,20 +137,21 @@ def test_empty_file_gives_defaults(tmp_path):
     ("wandb_run_name=1.10", "wandb_run_name", "1.10", str),
 ])
 def test_override_types(override, key, expected, kind):
-    value = getattr(load_config(None, [override]), key)
+    value = getattr(load_config(None, [override], for_training=False), key)
     assert type(value) is kind, (override, value)
     assert value == (pytest.approx(expected) if kind is float else expected)
 
 
 def test_text_field_values_in_yaml_file(tmp_path):
     """The documented W&B options (false | true) work unquoted in a file too."""
-    cfg = load_config(write(tmp_path, "wandb_watch: false\nwandb_log_model: true\nwandb_run_name: 7\n"))
+    cfg = load_config(write(tmp_path, "wandb_watch: false\nwandb_log_model: true\nwandb_run_name: 7\n"),
+                      for_training=False)
     assert (cfg.wandb_watch, cfg.wandb_log_model, cfg.wandb_run_name) == ("false", "true", "7")
 
 
 @pytest.mark.parametrize("key", [k for k, f in TrainConfig.model_fields.items() if f.annotation is str])
 def test_every_text_field_takes_number_like_text(key):
-    assert getattr(load_config(None, [f"{key}=2024"]), key) == "2024"
+    assert getattr(load_config(None, [f"{key}=2024"], for_training=False), key) == "2024"
     assert getattr(TrainConfig(**{key: 2024}), key) == "2024"
 
 
@@ -249,3 +251,102 @@ def test_config_help_mentions_every_field():
 ])
 def test_val_count_fraction_or_count(val_set_size, n, expected):
     assert TrainConfig(val_set_size=val_set_size).val_count(n) == expected
+
+
+# ---- rules across keys: all in TrainConfig, so CLI, UI and API refuse alike ----------------------
+
+def test_data_path_is_required_to_train_only(tmp_path):
+    # a config without data (form defaults, a template) is a config; a training run needs one
+    assert TrainConfig().data_path == ""
+    assert load_config(None, for_training=False).data_path == ""
+    message = config_error(write(tmp_path, "lora_r: 16\n", "nodata.yaml"))
+    assert message == f"{tmp_path / 'nodata.yaml'}: data_path: required (a .json, .jsonl, .csv or .parquet file)"
+    assert config_error(None, ["data_path= "]) == "config: data_path: required (a .json, .jsonl, .csv or .parquet file)"
+    with pytest.raises(ConfigError, match=r"^settings: data_path: required \("):
+        TrainConfig().check_for_training("settings")
+    cfg = TrainConfig(data_path="d.json")
+    assert cfg.check_for_training() is cfg
+    # a bad value is still reported first, by its own key
+    assert "lora_r" in config_error(None, ["lora_r=0"])
+
+
+@pytest.mark.parametrize("overrides, line", [
+    (["early_stopping_patience=3"],
+     ("config: early_stopping_patience (3) needs a validation set: set val_set_size (a count, or a fraction "
+      "below 1) or early_stopping_patience=0")),
+    (["val_set_size=0.1", "save_steps=30", "eval_steps=20"],
+     ("config: save_steps (30) must be a multiple of eval_steps (20) so the best evaluation has a checkpoint; "
+      "set only one of them (the other follows it), or load_best_model_at_end=false")),
+    (["batch_size=6", "micro_batch_size=4"], "config: batch_size (6) must be a multiple of micro_batch_size (4)"),
+    (["load_in_8bit=true", "load_in_4bit=true"], "config: load_in_8bit and load_in_4bit: choose one"),
+])
+def test_rule_across_keys_is_one_line_naming_its_keys(overrides, line):
+    assert config_error(None, ["data_path=d.json", *overrides]) == line
+
+
+@pytest.mark.parametrize("settings", [
+    {"early_stopping_patience": 3, "val_set_size": 10},
+    {"early_stopping_patience": 3, "val_set_size": 0.1},
+    {"val_set_size": 10, "save_steps": 40, "eval_steps": 20},     # a multiple
+    {"val_set_size": 10, "save_steps": 30, "eval_steps": 20, "load_best_model_at_end": False},
+    {"val_set_size": 0, "save_steps": 30, "eval_steps": 20},      # no evaluation: nothing to align
+])
+def test_rules_accept_what_the_trainer_accepts(settings):
+    TrainConfig(**settings)
+
+
+@pytest.mark.parametrize("settings, save_steps, eval_steps", [
+    ({"val_set_size": 10}, 200, 200),                                # neither set: the defaults align
+    ({"val_set_size": 10, "save_steps": 30}, 30, 30),                  # evaluation follows the save interval
+    ({"val_set_size": 10, "eval_steps": 30}, 30, 30),                  # checkpoints follow the eval interval
+    ({"val_set_size": 10, "eval_steps": 50}, 50, 50),                  # follows even where 200 would align
+    ({"val_set_size": 0, "save_steps": 30}, 30, 30),                   # the same without validation
+    ({"val_set_size": 10, "save_steps": 60, "eval_steps": 20}, 60, 20),   # both set: kept as given
+])
+def test_unset_step_interval_follows_the_set_one(settings, save_steps, eval_steps):
+    cfg = TrainConfig(**settings)
+    assert (cfg.save_steps, cfg.eval_steps) == (save_steps, eval_steps)
+    # what was set explicitly stays what the user set; the followed value is written out and reads back
+    assert set(settings) == cfg.model_fields_set
+    again = TrainConfig(**yaml.safe_load(dump_config(cfg)))
+    assert (again.save_steps, again.eval_steps) == (save_steps, eval_steps)
+
+
+def test_following_survives_assignment():
+    cfg = TrainConfig(val_set_size=10)
+    cfg.save_steps = 30  # eval_steps was never set: it follows
+    assert (cfg.save_steps, cfg.eval_steps) == (30, 30)
+    cfg.save_steps = 60
+    assert (cfg.save_steps, cfg.eval_steps) == (60, 60)
+    cfg.eval_steps = 20  # now both are explicit: kept as assigned
+    assert (cfg.save_steps, cfg.eval_steps) == (60, 20)
+    cfg.save_steps = 100  # 100 % 20 == 0
+    assert (cfg.save_steps, cfg.eval_steps) == (100, 20)
+
+
+def test_refused_assignment_changes_nothing():
+    cfg = TrainConfig(val_set_size=10, eval_steps=20)
+    assert cfg.save_steps == 20
+    with pytest.raises(ValidationError, match=r"save_steps \(30\) must be a multiple of eval_steps \(20\)"):
+        cfg.save_steps = 30  # both explicit now, and they conflict
+    assert (cfg.save_steps, cfg.eval_steps) == (20, 20)
+    assert cfg.model_fields_set == {"val_set_size", "eval_steps"}
+    with pytest.raises(ValidationError, match="early_stopping_patience"):
+        TrainConfig(val_set_size=10, early_stopping_patience=2).val_set_size = 0
+    cfg = TrainConfig(batch_size=8, micro_batch_size=4)
+    with pytest.raises(ValidationError, match="batch_size"):
+        cfg.micro_batch_size = 3
+    assert cfg.micro_batch_size == 4
+    cfg.data_path = ""  # assignment has no training context: data_path stays optional here
+    cfg.save_steps = 30
+    assert cfg.eval_steps == 30
+
+
+def test_config_help_states_the_rules():
+    lines = {line.split(" ", 1)[0]: line for line in config_help().splitlines()}
+    assert "Required to train" in lines["data_path"]
+    assert "eval_steps = save_steps" in lines["eval_steps"] and "save_steps = eval_steps" in lines["save_steps"]
+    assert "multiple of eval_steps" in lines["save_steps"]
+    assert "val_set_size > 0" in lines["early_stopping_patience"]
+    assert "multiple of micro_batch_size" in lines["batch_size"]
+    assert "not with load_in_8bit" in lines["load_in_4bit"]

@@ -39,14 +39,16 @@ class TrainConfig(BaseModel):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="Training precision. auto = bf16 autocast where the CPU/GPU supports "
         "it, else fp32. fp16 needs CUDA.")
-    load_in_8bit: bool = Field(False, description="Load the frozen base in 8-bit (bitsandbytes, CUDA only).")
-    load_in_4bit: bool = Field(False, description="QLoRA: load the frozen base in 4-bit NF4 (bitsandbytes, CUDA only).")
+    load_in_8bit: bool = Field(False, description="Load the frozen base in 8-bit (bitsandbytes, CUDA only; "
+                               "not with load_in_4bit).")
+    load_in_4bit: bool = Field(False, description="QLoRA: load the frozen base in 4-bit NF4 (bitsandbytes, CUDA "
+                               "only; not with load_in_8bit).")
     trust_remote_code: bool = Field(False, description="Allow model code from the hub to run. Off: safe by default.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
 
     # --- data ------------------------------------------------------------------------------
     data_path: str = Field("", description="Training data: .json, .jsonl, .csv or .parquet "
-                           "(Alpaca, Dolly, messages, ShareGPT or text records).")
+                           "(Alpaca, Dolly, messages, ShareGPT or text records). Required to train.")
     data_format: Literal["auto", "alpaca", "dolly", "messages", "sharegpt", "qa", "text"] = Field(
         "auto", description="Record shape; auto detects it from the first record.")
     prompt_template_name: str = Field(
@@ -85,7 +87,8 @@ class TrainConfig(BaseModel):
     # --- optimisation ----------------------------------------------------------------------
     output_dir: str = Field("./lora-out", description="Where the adapter, logs and checkpoints go.")
     overwrite_output_dir: bool = Field(False, description="Allow training into an output_dir that already holds a trained adapter.")
-    batch_size: int = Field(128, gt=0, description="Global batch size per optimizer step.")
+    batch_size: int = Field(128, gt=0, description="Global batch size per optimizer step; a multiple of "
+                            "micro_batch_size (x world size when launched on several processes).")
     micro_batch_size: int = Field(4, gt=0, description="Examples per forward pass per process; "
                                   "gradient accumulation = batch_size / micro_batch_size / world size.")
     num_epochs: float = Field(3, gt=0, description="Passes over the training data (ignored when max_steps > 0).")
@@ -102,11 +105,12 @@ class TrainConfig(BaseModel):
 
     # --- stopping and guards ---------------------------------------------------------------
     early_stopping_patience: int = Field(
-        0, ge=0, description="Stop after this many evaluations without eval-loss improvement (0 = off; needs val_set_size).")
+        0, ge=0, description="Stop after this many evaluations without eval-loss improvement (0 = off; needs val_set_size > 0).")
     early_stopping_threshold: float = Field(
         0.0, ge=0, description="Minimum eval-loss improvement that counts (min delta).")
     load_best_model_at_end: bool = Field(
-        True, description="With validation, end with the adapter of the best eval loss (not the last step).")
+        True, description="With validation, end with the adapter of the best eval loss (not the last step); "
+        "save_steps must then be a multiple of eval_steps, so the best evaluation has a checkpoint.")
     stop_at_loss: float = Field(0.0, ge=0, description="Stop when the logged train loss falls to this value (0 = off).")
     zero_loss_warn_steps: int = Field(
         3, ge=1, description="Warn when the train loss is exactly 0 for this many logs in a row (usually a label-masking mistake).")
@@ -120,8 +124,11 @@ class TrainConfig(BaseModel):
 
     # --- logging / saving ------------------------------------------------------------------
     logging_steps: int = Field(10, gt=0, description="Log train loss every N steps.")
-    eval_steps: int = Field(200, gt=0, description="Evaluate on the validation set every N steps.")
-    save_steps: int = Field(200, gt=0, description="Write a checkpoint every N steps.")
+    eval_steps: int = Field(200, gt=0, description="Evaluate on the validation set every N steps. Set only "
+                            "save_steps and evaluation follows it (eval_steps = save_steps).")
+    save_steps: int = Field(200, gt=0, description="Write a checkpoint every N steps. Set only eval_steps and "
+                            "checkpoints follow it (save_steps = eval_steps); set both and, with val_set_size "
+                            "and load_best_model_at_end, save_steps must be a multiple of eval_steps.")
     save_total_limit: int = Field(3, gt=0, description="Keep at most this many checkpoints.")
     resume_from_checkpoint: Union[bool, str, None] = Field(
         None, description="true = resume from the last checkpoint in output_dir; a path = that checkpoint.")
@@ -191,13 +198,54 @@ class TrainConfig(BaseModel):
         return v
 
     @model_validator(mode="after")
-    def _batch(self):
+    def _rules(self):
+        """Every rule across keys that needs no hardware and no files, so the CLI, the UI form and
+        the API refuse a bad config before any process starts. Each message names its keys."""
         if self.batch_size % self.micro_batch_size:
             raise ValueError(
                 f"batch_size ({self.batch_size}) must be a multiple of micro_batch_size "
                 f"({self.micro_batch_size})")
         if self.load_in_8bit and self.load_in_4bit:
             raise ValueError("load_in_8bit and load_in_4bit: choose one")
+        if self.early_stopping_patience and not self.val_set_size:
+            raise ValueError(f"early_stopping_patience ({self.early_stopping_patience}) needs a validation set: "
+                             "set val_set_size (a count, or a fraction below 1) or early_stopping_patience=0")
+        # The key the user did not set follows the one they did (model_fields_set: what was
+        # given, or assigned since), so save and eval intervals align without a second key.
+        explicit = self.model_fields_set
+        save_steps, eval_steps = self.save_steps, self.eval_steps
+        if "save_steps" in explicit and "eval_steps" not in explicit:
+            eval_steps = save_steps
+        elif "eval_steps" in explicit and "save_steps" not in explicit:
+            save_steps = eval_steps
+        if self.val_set_size and self.load_best_model_at_end and save_steps % eval_steps:
+            raise ValueError(f"save_steps ({save_steps}) must be a multiple of eval_steps ({eval_steps}) so the "
+                             "best evaluation has a checkpoint; set only one of them (the other follows it), or "
+                             "load_best_model_at_end=false")
+        # __dict__: not an assignment, which would validate again (and mark the key as set)
+        self.__dict__.update(save_steps=save_steps, eval_steps=eval_steps)
+        return self
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # validate_assignment: a rule across keys fails after pydantic has stored the value; put
+        # the config back as it was, so a refused assignment changes nothing.
+        if name not in type(self).model_fields:
+            return super().__setattr__(name, value)
+        before, fields_set = dict(self.__dict__), set(self.__pydantic_fields_set__)
+        try:
+            super().__setattr__(name, value)
+        except ValidationError:
+            self.__dict__.clear()
+            self.__dict__.update(before)
+            object.__setattr__(self, "__pydantic_fields_set__", fields_set)
+            raise
+
+    def check_for_training(self, source: str = "config") -> TrainConfig:
+        """The one rule only a training run has: a data_path. (A config without one is still a
+        config: the UI form's defaults, config-help, a template.) Raises ConfigError in the same
+        one line as every other config error; returns the config."""
+        if not self.data_path.strip():
+            raise ConfigError(f"{source}: data_path: required (a .json, .jsonl, .csv or .parquet file)")
         return self
 
     # --- helpers ---------------------------------------------------------------------------
@@ -245,8 +293,10 @@ def parse_override(item: str) -> tuple[str, Any]:
     return key, value
 
 
-def load_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
-    """Read a YAML config, apply key=value overrides, validate. Errors name the file and key."""
+def load_config(path: str | Path | None, overrides: list[str] | None = None,
+                for_training: bool = True) -> TrainConfig:
+    """Read a YAML config, apply key=value overrides, validate. Errors name the file and key.
+    for_training (the default: this is what `lorakit train` reads) also requires data_path."""
     data: dict[str, Any] = {}
     source = "config"
     if path is not None:
@@ -274,9 +324,10 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             value = item.split("=", 1)[1].strip()  # a text field takes the text as typed (output_dir=0123)
         data[key] = value
     try:
-        return TrainConfig(**data)
+        cfg = TrainConfig(**data)
     except ValidationError as e:
         raise ConfigError(_format_validation_error(e, source)) from None
+    return cfg.check_for_training(source) if for_training else cfg
 
 
 def config_help() -> str:

@@ -2,6 +2,7 @@
 import json
 
 import pytest
+from pydantic import ValidationError
 import torch
 from safetensors.torch import load_file
 
@@ -70,10 +71,11 @@ def read_eval(tmp_path):
 
 
 def test_early_stopping_needs_validation(tiny_model_dir, tmp_path):
-    with pytest.raises(ConfigError, match="early_stopping_patience: needs a validation set"):
-        LoraFinetune(cfg_for(tiny_model_dir, tmp_path, val_set_size=0, early_stopping_patience=2)).check()
-    with pytest.raises(ConfigError, match="save_steps .* multiple of eval_steps"):
-        LoraFinetune(cfg_for(tiny_model_dir, tmp_path, save_steps=3, eval_steps=2)).check()
+    # the config itself refuses these, before any recipe, process or model exists
+    with pytest.raises(ValidationError, match=r"early_stopping_patience \(2\) needs a validation set"):
+        cfg_for(tiny_model_dir, tmp_path, val_set_size=0, early_stopping_patience=2)
+    with pytest.raises(ValidationError, match=r"save_steps \(3\) must be a multiple of eval_steps \(2\)"):
+        cfg_for(tiny_model_dir, tmp_path, save_steps=3, eval_steps=2)
 
 
 @pytest.mark.parametrize("scheduler", ["linear", "cosine", "constant", "constant_with_warmup",
