@@ -111,3 +111,22 @@ def test_missing_scores_and_nan(tmp_path):
     assert json.loads(paths["json"].read_text(encoding="utf-8"))["scores"]["base"]["d"]["loss"] is None
     assert paths["html"].is_file() and paths["markdown"].is_file()
     assert "metrics" not in paths and "latency" not in paths
+
+
+def test_the_report_as_sections(tmp_path, result):
+    """The report as data (what the UI shows): the same sections, tables and plots as report.md."""
+    from lorakit.eval.report import read_report_sections
+
+    write_report(copy.deepcopy(result), tmp_path)
+    sections = read_report_sections(tmp_path)
+    assert [s.title for s in sections] == ["Metrics", "Efficiency", "Plots", "Samples"]
+    md = (tmp_path / "report.md").read_text(encoding="utf-8")
+    assert [line[3:] for line in md.splitlines() if line.startswith("## ")] == [s.title for s in sections]
+    metrics, efficiency, plots, samples = sections
+    assert [t.title for t in metrics.tables] == ["gsm8k_test", "zh_qa"]
+    assert metrics.tables[0].header[0] == "Model" and [row[0] for row in metrics.tables[0].rows] == ["base", "my-adapter"]
+    assert efficiency.tables[0].title == "" and "921,600" in efficiency.tables[0].rows[-1]
+    assert plots.plots == ["metrics.png", "loss_curves.png", "latency.png"] and not plots.tables
+    assert samples.tables[1].rows[0][1] == "中国的首都是哪里？"
+    for s in sections:
+        assert s.markdown() in md  # each section renders exactly as in report.md

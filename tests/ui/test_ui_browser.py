@@ -164,6 +164,7 @@ def test_train_chat_compare_in_a_browser(browser, server, tmp_path):
         page.locator("#train-micro-batch input").fill("2")
         page.locator("#train-save-steps input").fill("40")  # opened above, settled since
         expect(page.locator("#train-save-steps input")).to_have_value("40")
+        expect(page.locator("#train-eval-steps input")).to_have_value("50")  # eval_steps, beside save_steps
         page.locator("#train-start").click()
         expect(page.locator("#train-command")).to_contain_text("lorakit train ")
         expect(page.locator("#train-command")).to_contain_text("browser-lora/train.yaml")
@@ -180,6 +181,9 @@ def test_train_chat_compare_in_a_browser(browser, server, tmp_path):
         assert any("training · step" in s and "tokens/s" in s and "time left" in s for s in seen), seen
         assert "browser-lora: done · step 200/200 · loss " in seen[-1]
         expect(page.locator("#train-loss-chart .mark-line path").first).to_be_attached()  # the loss curve
+        page.locator("#train-copy-from input").click()  # the lists were refreshed when the run ended
+        expect(page.get_by_role("option", name="browser-lora")).to_be_visible()
+        page.keyboard.press("Escape")
         run = server["workdir"] / "adapters" / "browser-lora"
         assert "save_steps: 40\n" in (run / "train.yaml").read_text()  # the form's config, saved
         assert (run / "checkpoint-200" / "lorakit_checkpoint.json").is_file()
@@ -228,6 +232,8 @@ def test_train_chat_compare_in_a_browser(browser, server, tmp_path):
         page.locator("#eval-run").click()
         expect(page.locator("#eval-status")).to_contain_text("Report in")
         expect(page.locator("#eval-table")).to_contain_text("browser-lora")
+        expect(page.locator("#eval-report")).to_contain_text("Efficiency")  # the report's sections
+        expect(page.locator("#eval-report")).to_contain_text("Samples")
         page.screenshot(path=str(shots / "evaluate.png"), full_page=True)
     except BaseException:
         page.screenshot(path=str(shots / "failure.png"), full_page=True)

@@ -19,6 +19,8 @@ def test_form_starts_from_the_usual_defaults():
     assert (d["lora_r"], d["lora_alpha"], d["learning_rate"], d["lora_target_modules"]) == (8, 16, 3e-4, ["q_proj", "v_proj"])
     assert d["base_model"] == "smollm2-135m" and d["prompt_template_name"] == "alpaca"
     assert d["logging_steps"] == 1  # a loss point per step for the live chart
+    assert d["eval_steps"] == d["save_steps"] == 50  # evaluation beside checkpoints (a multiple of it)
+    assert build_config({**d, "eval_steps": 10.0}, "d.json", "out").eval_steps == 10
 
 
 def test_build_config_validates_and_names_the_key(tmp_path):
@@ -61,10 +63,8 @@ def test_prepare_run_writes_a_config_the_cli_repeats(workdir, tiny_base, alpaca_
 
 
 BAR_LOG = ("$ lorakit train x.yaml\nlorakit data: 24 alpaca records\nlorakit model: tiny\n"
-           "\r  0%|          | 0/30 [00:00<?, ?it/s]"
-           "\r 10%|█         | 3/30 [00:03<00:27,  1.00it/s, loss=2.1000, tok/s=300]"
-           "\r 20%|██        | 6/30 [00:06<00:24,  1.00it/s, loss=2.0000, tok/s=310]\n"
-           "\r 50%|█████     | 1/2 [00:00<00:00, 50.0it/s]")  # an evaluation bar: not the training's
+           "\r  0%|          | 0/99 [00:00<?, ?it/s]"
+           "\r 10%|█         | 9/99 [00:03<00:27,  1.00it/s, loss=2.1000, tok/s=300]\n")  # never read
 
 
 def _fake_run(tmp_path, script: str, total=None) -> TrainingRun:
@@ -79,24 +79,50 @@ def _fake_run(tmp_path, script: str, total=None) -> TrainingRun:
     return Fake("fake", out, out / "train.yaml", [], total_steps=total).start()
 
 
-def test_progress_comes_from_the_bar_and_the_log(tmp_path):
+def _record(step, **more) -> str:
+    return json.dumps({"step": step, "total_steps": 30, "elapsed_s": float(step), "remaining_s": 30.0 - step,
+                       **more}) + "\n"
+
+
+def test_progress_comes_from_the_train_log(tmp_path):
+    """Step, total and time left come from train_log.jsonl's records (JsonlLogCallback), not from
+    the progress bar's text in the output, which the page does not parse."""
     log = tmp_path / "bar.txt"
     log.write_text(BAR_LOG)
     script = (f"import sys, time; sys.stdout.write(open({str(log)!r}).read()); sys.stdout.flush(); time.sleep(30)")
     run = _fake_run(tmp_path, script)
-    (run.output_dir / "train_log.jsonl").write_text(
-        "".join(json.dumps({"step": s, "loss": 3.0 - s / 10, "tokens_per_s": 300.0 + s}) + "\n" for s in range(1, 6))
-        + '{"step": 6, "lo')  # a line being written
     try:
-        deadline = time.time() + 20
-        while (st := run.status()).total is None and time.time() < deadline:
-            time.sleep(0.2)
-        assert (st.step, st.total, st.eta_s) == (6, 30, 27.0 - 3.0)
+        _wait(lambda: "lorakit model" in run.log_path.read_text(), 30, "the child to start")
+        st = run.status()  # no record yet: starting, with the run's last status line
+        assert (st.state, st.step, st.total, st.eta_s) == ("starting", None, None, None)
+        assert st.phase == "lorakit model: tiny" and st.progress_line().endswith(": lorakit model: tiny")
+        (run.output_dir / "train_log.jsonl").write_text(
+            "".join(_record(s, loss=3.0 - s / 10, tokens_per_s=300.0 + s) for s in range(1, 6))
+            + _record(6, eval_loss=2.2)
+            + '{"step": 7, "lo')  # a line being written
+        st = run.status()
+        assert (st.state, st.step, st.total, st.eta_s) == ("training", 6, 30, 24.0)
         assert st.loss == pytest.approx(2.5) and st.tokens_per_s == pytest.approx(303.0)
-        assert [p["step"] for p in st.points] == [1, 2, 3, 4, 5] and st.log_lines == 5
+        assert [p["step"] for p in st.points] == [1, 2, 3, 4, 5, 6] and st.log_lines == 6
         line = st.progress_line()
         assert line.startswith("step 6/30 · loss 2.5000 · 303 tokens/s · elapsed ") and "time left 0:24" in line
-        assert st.phase == "lorakit model: tiny"
+    finally:
+        run.stop(grace_s=2)
+        run.wait(10)
+
+
+def test_a_resumed_run_reads_only_its_own_records(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "train_log.jsonl").write_text("".join(_record(s, loss=1.0) for s in (1, 2, 3)))  # the first run's
+    run = _fake_run(tmp_path, "import time; time.sleep(30)")
+    try:
+        st = run.status()
+        assert st.state == "starting" and st.step is None and st.log_lines == 3  # the chart keeps them
+        with (out / "train_log.jsonl").open("a") as f:
+            f.write(_record(4, loss=0.9))
+        st = run.status()
+        assert (st.state, st.step, st.eta_s, st.loss) == ("training", 4, 26.0, 0.9)
     finally:
         run.stop(grace_s=2)
         run.wait(10)

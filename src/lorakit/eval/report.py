@@ -4,7 +4,11 @@ The result dict (built by the evaluator) holds "created", "base", "models" (base
 adapter, with its train_log records), "datasets", "scores" (model -> dataset -> metric -> value)
 and "samples" (dataset -> [{prompt, reference, answers: {model: text}}]). Metric keys may be
 missing and values may be None. Every file is written to a temporary name then moved into place,
-so an interrupted run never leaves a half-written file."""
+so an interrupted run never leaves a half-written file.
+
+report.md and report.html are both rendered from report_sections(): the report as a list of
+sections (Metrics, Efficiency, Plots, Samples), each with its tables and plot files, which the UI
+shows as they are (read_report_sections reads them back from a report folder)."""
 from __future__ import annotations
 
 import html
@@ -13,10 +17,11 @@ import json
 import math
 import os
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..files import atomic_write_bytes
-from ..runfolder import EVAL_REPORT
+from ..runfolder import EVAL_REPORT, read_eval_report
 
 # Quality metrics in display order; other unknown non-efficiency keys are appended after these.
 QUALITY_METRICS = ["loss", "perplexity", "exact_match", "f1", "bleu", "rouge_l", "contains"]
@@ -274,6 +279,58 @@ def _plot_latency(result: dict) -> bytes | None:
     return _png(fig)
 
 
+# ---- sections ----------------------------------------------------------------------------------
+
+@dataclass
+class ReportTable:
+    title: str  # the dataset it is about; "" for a section's only table
+    header: list[str]
+    rows: list[list[str]]  # plain (unescaped) cell text
+
+
+@dataclass
+class ReportSection:
+    """One part of the report: "## title", then its tables (each under "### dataset") or plots."""
+    key: str  # metrics | efficiency | plots | samples
+    title: str
+    tables: list[ReportTable] = field(default_factory=list)
+    plots: list[str] = field(default_factory=list)  # PNG file names in the report folder
+
+    def markdown_lines(self) -> list[str]:
+        out = [f"## {self.title}", ""]
+        for t in self.tables:
+            out += ([f"### {_md_cell(t.title)}", ""] if t.title else []) + _md_table(t.header, t.rows)
+        if self.plots:
+            out += [f"![{Path(p).stem}]({p})" for p in self.plots] + [""]
+        return out
+
+    def markdown(self) -> str:
+        return "\n".join(self.markdown_lines())
+
+
+def report_sections(result: dict, plots: list[str] | None = None) -> list[ReportSection]:
+    """The report's sections in order: Metrics (always, a table per dataset), Efficiency, Plots
+    (the given plot file names) and Samples (a table per dataset), each only when it has content."""
+    tables = _tables(result)
+    sections = [ReportSection("metrics", "Metrics", [ReportTable(ds, h, r) for ds, (h, r) in tables["metrics"].items()])]
+    header, rows = tables["efficiency"]
+    if rows:
+        sections.append(ReportSection("efficiency", "Efficiency", [ReportTable("", header, rows)]))
+    if plots:
+        sections.append(ReportSection("plots", "Plots", plots=list(plots)))
+    if tables["samples"]:
+        sections.append(ReportSection("samples", "Samples",
+                                      [ReportTable(ds, h, r) for ds, (h, r) in tables["samples"].items()]))
+    return sections
+
+
+def read_report_sections(out_dir: str | Path) -> list[ReportSection]:
+    """The sections of the report written into out_dir (from its report.json and plot files)."""
+    out_dir = Path(out_dir)
+    result = read_eval_report(out_dir) or {}
+    return report_sections(result, [name for name in PLOTS.values() if (out_dir / name).is_file()])
+
+
 # ---- documents ---------------------------------------------------------------------------------
 
 def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -283,22 +340,12 @@ def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
     return lines + [""]
 
 
-def _render_md(result: dict, tables: dict, plots: list[str]) -> str:
+def _render_md(result: dict, sections: list[ReportSection]) -> str:
     out = [f"# Evaluation report: {_md_cell(result.get('base') or '')}", ""]
     if result.get("created"):
         out += [f"Created: {_md_cell(result['created'])}", ""]
-    out += ["## Metrics", ""]
-    for ds, (header, rows) in tables["metrics"].items():
-        out += [f"### {_md_cell(ds)}", ""] + _md_table(header, rows)
-    header, rows = tables["efficiency"]
-    if rows:
-        out += ["## Efficiency", ""] + _md_table(header, rows)
-    if plots:
-        out += ["## Plots", ""] + [f"![{Path(p).stem}]({p})" for p in plots] + [""]
-    if tables["samples"]:
-        out += ["## Samples", ""]
-        for ds, (header, rows) in tables["samples"].items():
-            out += [f"### {_md_cell(ds)}", ""] + _md_table(header, rows)
+    for section in sections:
+        out += section.markdown_lines()
     return "\n".join(out)
 
 
@@ -328,7 +375,12 @@ def _html_table(header: list[str], rows: list[list[str]], cls: str = "", numeric
     return "\n".join(out + ["</tbody>", "</table>"])
 
 
-def _render_html(result: dict, tables: dict, plots: list[str]) -> str:
+# how each section's tables are drawn: class, first right-aligned (numeric) column
+_HTML_STYLE = {"efficiency": lambda header: {"numeric_from": 2},
+               "samples": lambda header: {"cls": "samples", "numeric_from": len(header)}}
+
+
+def _render_html(result: dict, sections: list[ReportSection]) -> str:
     base = _html_cell(result.get("base") or "")
     out = ["<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
            '<meta name="viewport" content="width=device-width, initial-scale=1">',
@@ -336,19 +388,12 @@ def _render_html(result: dict, tables: dict, plots: list[str]) -> str:
            f"<h1>Evaluation report: {base}</h1>"]
     if result.get("created"):
         out.append(f'<p class="meta">Created: {_html_cell(result["created"])}</p>')
-    out.append("<h2>Metrics</h2>")
-    for ds, (header, rows) in tables["metrics"].items():
-        out += [f"<h3>{_html_cell(ds)}</h3>", _html_table(header, rows)]
-    header, rows = tables["efficiency"]
-    if rows:
-        out += ["<h2>Efficiency</h2>", _html_table(header, rows, numeric_from=2)]
-    if plots:
-        out.append("<h2>Plots</h2>")
-        out += [f'<p><img src="{html.escape(p)}" alt="{html.escape(Path(p).stem)}"></p>' for p in plots]
-    if tables["samples"]:
-        out.append("<h2>Samples</h2>")
-        for ds, (header, rows) in tables["samples"].items():
-            out += [f"<h3>{_html_cell(ds)}</h3>", _html_table(header, rows, cls="samples", numeric_from=len(header))]
+    for section in sections:
+        out.append(f"<h2>{_html_cell(section.title)}</h2>")
+        style = _HTML_STYLE.get(section.key, lambda header: {})
+        for t in section.tables:
+            out += ([f"<h3>{_html_cell(t.title)}</h3>"] if t.title else []) + [_html_table(t.header, t.rows, **style(t.header))]
+        out += [f'<p><img src="{html.escape(p)}" alt="{html.escape(Path(p).stem)}"></p>' for p in section.plots]
     return "\n".join(out + ["</body>", "</html>", ""])
 
 
@@ -358,7 +403,7 @@ def write_report(result: dict, out_dir: Path) -> dict[str, Path]:
     """Write report.json, report.md, report.html and the plots (metrics.png, latency.png, and
     loss_curves.png when some adapter has a train log) into out_dir. Returns name -> path for
     every file written: "json", "markdown", "html", and "metrics", "loss_curves", "latency"
-    for the plots that had data."""
+    for the plots that had data. The same content as data: report_sections / read_report_sections."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths: dict[str, Path] = {}
@@ -379,9 +424,9 @@ def write_report(result: dict, out_dir: Path) -> dict[str, Path]:
         paths[key] = path
         plots.append(PLOTS[key])
 
-    tables = _tables(result)
-    atomic_write_bytes(out_dir / "report.md", _render_md(result, tables, plots).encode("utf-8"))
+    sections = report_sections(result, plots)
+    atomic_write_bytes(out_dir / "report.md", _render_md(result, sections).encode("utf-8"))
     paths["markdown"] = out_dir / "report.md"
-    atomic_write_bytes(out_dir / "report.html", _render_html(result, tables, plots).encode("utf-8"))
+    atomic_write_bytes(out_dir / "report.html", _render_html(result, sections).encode("utf-8"))
     paths["html"] = out_dir / "report.html"
     return paths

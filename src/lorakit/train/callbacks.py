@@ -18,20 +18,32 @@ from ..runfolder import (CHECKPOINT_MARKER, TRAIN_LOG, checkpoint_dir, checkpoin
 
 class JsonlLogCallback(TrainerCallback):
     """Appends every log record (train loss, eval loss, learning rate, grad norm) as one JSON
-    line to output_dir/train_log.jsonl. Only the main process writes."""
+    line to output_dir/train_log.jsonl. Only the main process writes.
+
+    Each record also says where the run is, so readers (the UI) need nothing else: ``step``,
+    ``total_steps`` (state.max_steps), ``elapsed_s`` (since this process began training) and
+    ``remaining_s``: elapsed / steps done * steps left, counting only the steps this process has
+    done, so a resumed run estimates from its own pace (None before its first step)."""
 
     def __init__(self, output_dir: str | Path):
         self.path = Path(output_dir) / TRAIN_LOG
         self.t0 = time.time()
+        self.start_step = 0
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.t0 = time.time()
+        self.start_step = state.global_step  # > 0 when resuming from a checkpoint
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:
             return
-        record = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4),
-                  "elapsed_s": round(time.time() - self.t0, 2)}
+        elapsed = time.time() - self.t0
+        total = state.max_steps or None
+        done = state.global_step - self.start_step
+        remaining = (elapsed / done * max(total - state.global_step, 0)) if total and done > 0 else None
+        record = {"step": state.global_step, "total_steps": total, "epoch": round(state.epoch or 0.0, 4),
+                  "elapsed_s": round(elapsed, 2),
+                  "remaining_s": round(remaining, 2) if remaining is not None else None}
         for k, v in logs.items():
             if isinstance(v, float) and not math.isfinite(v):
                 v = str(v)  # JSON has no NaN/inf

@@ -20,15 +20,21 @@ class EvalOutcome:
     command: str
     headers: list[str]
     rows: list[list]
-    markdown: str
+    sections: list = field(default_factory=list)  # eval.report.ReportSection: the report as data
     plots: list[Path] = field(default_factory=list)
     html: Path | None = None
+
+    @property
+    def markdown(self) -> str:
+        """The report's sections but its plots (the page shows those as images)."""
+        return "\n".join(s.markdown() for s in self.sections if s.key != "plots")
 
 
 def run_evaluation(workdir: Workdir, data_values: list[str], adapter_keys: list[str], base: str | None,
                    metrics: list[str] | None = None, limit: int | None = None,
                    max_new_tokens: int = 64) -> EvalOutcome:
     """`lorakit eval`: the base and each adapter on the chosen sets; report in WORKDIR/eval/<time>."""
+    from ..eval.report import read_report_sections
     from ..eval.runner import evaluate
 
     if not data_values:
@@ -57,15 +63,10 @@ def run_evaluation(workdir: Workdir, data_values: list[str], adapter_keys: list[
     for model, per_set in result["scores"].items():
         for set_name, row in per_set.items():
             rows.append([model, set_name] + [_cell(row.get(k)) for k in present])
-    markdown = (out / "report.md").read_text(encoding="utf-8")
-    markdown = markdown.split("\n## Plots", 1)[0] + _samples_part(markdown)  # plots are shown as images
-    plots = [p for p in (out / n for n in ("metrics.png", "loss_curves.png", "latency.png")) if p.is_file()]
+    sections = read_report_sections(out)
+    plots = [out / name for s in sections for name in s.plots]
     return EvalOutcome(out_dir=out, command=shlex.join(argv), headers=["model", "set"] + present, rows=rows,
-                       markdown=markdown, plots=plots, html=out / "report.html")
-
-
-def _samples_part(markdown: str) -> str:
-    return "\n## Samples" + markdown.split("\n## Samples", 1)[1] if "\n## Samples" in markdown else ""
+                       sections=sections, plots=plots, html=out / "report.html")
 
 
 def _cell(v):

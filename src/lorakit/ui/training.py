@@ -1,8 +1,9 @@
 """A training run started from the page: the form's values become a validated TrainConfig,
 written as YAML into the run's folder, and a `lorakit train` process (its own process group)
 runs it, so the same run can be repeated from the command line. The page follows it through
-the files the trainer writes anyway: ``train_log.jsonl`` (loss, tokens/s) and its progress bar
-(step, total, time left) in the captured output.
+the file the trainer writes anyway: ``train_log.jsonl``, whose records carry the step, the total,
+the loss, tokens/s and the time left (JsonlLogCallback); before the first record, the run's last
+``lorakit ...`` status line (loading data, the model) from its captured output.
 
 Stop sends SIGINT (the trainer stops with KeyboardInterrupt between steps; SIGTERM where SIGINT
 is ignored), then SIGTERM and SIGKILL if it does not end in time. Whatever ends it, the checkpoints already written stay:
@@ -29,21 +30,20 @@ from pydantic import ValidationError
 
 from ..config import TrainConfig, _format_validation_error, dump_config
 from ..errors import ConfigError, LorakitError
-from ..runfolder import MANIFEST, complete_checkpoints
-from .workdir import UI_CONFIG, UI_LOG, Workdir, check_name, read_log_records
+from ..runfolder import MANIFEST, complete_checkpoints, read_train_log
+from .workdir import UI_CONFIG, UI_LOG, Workdir, check_name
 
 # The TrainConfig keys the Train tab sets; everything else keeps TrainConfig's default.
 FORM_KEYS = ("base_model", "prompt_template_name", "cutoff_len", "val_set_size", "train_on_inputs",
              "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules",
              "num_epochs", "max_steps", "batch_size", "micro_batch_size", "learning_rate",
              "lr_scheduler_type", "warmup_steps", "weight_decay", "seed", "precision",
-             "logging_steps", "save_steps", "save_total_limit")
+             "logging_steps", "eval_steps", "save_steps", "save_total_limit")
 # Where the page differs from TrainConfig's defaults: a loss point per step for the live chart,
-# and a checkpoint often enough that Stop keeps something.
-UI_DEFAULTS = {"logging_steps": 1, "save_steps": 50}
+# a checkpoint often enough that Stop keeps something, and evaluation as often (with validation
+# data, save_steps must be a multiple of eval_steps).
+UI_DEFAULTS = {"logging_steps": 1, "save_steps": 50, "eval_steps": 50}
 STOP_GRACE_S = 20.0  # SIGINT, then SIGTERM after this, then SIGKILL after as long again
-
-_BAR = re.compile(r"(?:^|[\r\n])\s*\d+%\|[^|\r\n]*\|\s*(\d+)/(\d+) \[([\d:]+)<([\d:]+|\?)")
 
 
 def form_defaults() -> dict:
@@ -70,7 +70,7 @@ def build_config(values: dict, data_path: str | Path, output_dir: str | Path) ->
         raise ConfigError(f"settings: unknown keys {', '.join(sorted(unknown))}")
     data = dict(values)
     for key in ("cutoff_len", "lora_r", "max_steps", "batch_size", "micro_batch_size", "warmup_steps",
-                "seed", "logging_steps", "save_steps", "save_total_limit"):
+                "seed", "logging_steps", "eval_steps", "save_steps", "save_total_limit"):
         v = data.get(key)
         if isinstance(v, float) and v.is_integer():  # gr.Number gives floats
             data[key] = int(v)
@@ -80,7 +80,7 @@ def build_config(values: dict, data_path: str | Path, output_dir: str | Path) ->
         data["val_set_size"] = int(data["val_set_size"])
     data.update(data_path=str(data_path), output_dir=str(output_dir))
     try:
-        return TrainConfig(**data)
+        return TrainConfig(**data).check_for_training("settings")
     except ValidationError as e:
         raise ConfigError(_format_validation_error(e, "settings")) from None
 
@@ -99,13 +99,6 @@ def format_duration(seconds: float | None) -> str:
     h, rest = divmod(seconds, 3600)
     m, s = divmod(rest, 60)
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
-
-
-def _parse_clock(text: str) -> float | None:
-    if text == "?":
-        return None
-    parts = [int(p) for p in text.split(":")]
-    return float(sum(p * 60 ** i for i, p in enumerate(reversed(parts))))
 
 
 def loss_points(records: list[dict]) -> list[dict]:
@@ -202,6 +195,7 @@ class TrainingRun:
         self.started = self.ended = None
         self.stop_requested = False
         self._log_file = None
+        self.records_before = 0  # train_log.jsonl records of earlier runs in this folder (a resume)
 
     @property
     def argv(self) -> list[str]:
@@ -214,6 +208,7 @@ class TrainingRun:
 
     def start(self) -> "TrainingRun":
         self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.records_before = len(read_train_log(self.output_dir))
         self._log_file = self.log_path.open("wb")
         self._log_file.write(f"$ {self.command_line}\n".encode())
         self._log_file.flush()
@@ -263,17 +258,6 @@ class TrainingRun:
             return None
 
     # ---- what the page shows ------------------------------------------------------------------
-    def _bar(self, tail: str) -> tuple[int, int, float, float | None] | None:
-        """The trainer's progress bar, last state: (step, total, elapsed, remaining). Bars of
-        other totals (evaluation, shard writing) are ignored once the training total is known."""
-        found = [(int(a), int(b), _parse_clock(c), _parse_clock(d)) for a, b, c, d in _BAR.findall(tail)]
-        if not found:
-            return None
-        if self.total is None:
-            self.total = max(f[1] for f in found)
-        found = [f for f in found if f[1] == self.total]
-        return found[-1] if found else None
-
     def status(self) -> RunStatus:
         now = time.time()
         rc = self.process.poll() if self.process else None
@@ -283,24 +267,26 @@ class TrainingRun:
                 self._log_file.close()
         status = RunStatus(state="starting", name=self.name,
                            elapsed_s=((self.ended or now) - self.started) if self.started else 0.0)
-        records = read_log_records(self.output_dir)
+        records = read_train_log(self.output_dir)
         status.points = loss_points(records)
         status.log_lines = len(records)
+        records = records[self.records_before:]  # this process's: a resumed run starts anew
         train = [r for r in records if isinstance(r.get("loss"), (int, float))]
         if train:
             status.loss = float(train[-1]["loss"])
             speeds = [r["tokens_per_s"] for r in train[-5:] if isinstance(r.get("tokens_per_s"), (int, float))]
             status.tokens_per_s = sum(speeds) / len(speeds) if speeds else None
-            status.step = int(train[-1].get("step", 0))
-        tail = _tail(self.log_path)
-        bar = self._bar(tail)
-        if bar is not None:
-            step, total, _, remaining = bar
-            status.step = max(step, status.step or 0)
-            status.eta_s = remaining
-        status.total = self.total
-        if status.step is not None and (bar is not None or train):
+        placed = [r for r in records if isinstance(r.get("step"), int)]
+        if placed:  # where the run is: the last record's step, total and time left (JsonlLogCallback)
+            last = placed[-1]
+            status.step = last["step"]
+            if isinstance(last.get("total_steps"), int) and last["total_steps"] > 0:
+                self.total = last["total_steps"]
+            remaining = last.get("remaining_s")
+            status.eta_s = float(remaining) if isinstance(remaining, (int, float)) else None
             status.state = "training"
+        status.total = self.total
+        tail = _tail(self.log_path)
         lines = [ln for ln in output_lines(tail) if ln.startswith(("lorakit ", "warning "))]
         status.phase = lines[-1] if lines else ""
 

@@ -92,7 +92,7 @@ class AdapterInfo:
         targets = lora.get("target_modules", c.get("lora_target_modules"))
         data_path = data.get("path") or c.get("data_path") or ""
         records = f" ({data['records']} records)" if data.get("records") else ""
-        losses = [r["loss"] for r in read_log_records(self.folder) if isinstance(r.get("loss"), (int, float))]
+        losses = [r["loss"] for r in read_train_log(self.folder) if isinstance(r.get("loss"), (int, float))]
         final = losses[-1] if losses else None
         base = str(m.get("base_model") or c.get("base_model") or "")
         return [self.name, status, Path(base).name if "/" in base and Path(base).exists() else base,
@@ -115,9 +115,6 @@ def _targets_text(targets) -> str:
 
 def _round(v):
     return round(v, 4) if isinstance(v, (int, float)) else ""
-
-
-read_log_records = read_train_log  # the one reader, tolerant of a line being written
 
 
 def _read_yaml(path: Path) -> dict | None:
