@@ -181,3 +181,10 @@ def test_every_path_stops_at_the_templates_marker(tiny_model_dir, tmp_path):
     pieces = list(session.stream(speaker, question, params=params))
     assert pieces[-1].strip() == expected
     assert not any(marker[:2] in p[len(expected):] for p in pieces)
+
+
+def test_the_docs_state_the_rule_the_code_follows():
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "templates.md").read_text(encoding="utf-8")
+    assert TEMPLATE_POLICY in doc
