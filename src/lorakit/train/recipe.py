@@ -35,6 +35,7 @@ from ..runfolder import (CHECKPOINT_MARKER, CONFIG_RECORD, EVAL_DIR, EVAL_REPORT
                          TEMPLATE_RECORD, TRAIN_LOG, checkpoint_step, complete_checkpoints, incomplete_checkpoints)
 from .callbacks import CheckpointMarkerCallback, JsonlLogCallback, LiveProgressCallback, LossGuardCallback
 from .save import clean_stale_staging, save_verified_adapter
+from .trackers import TrackerRuns, send_summary
 from .trainer import LorakitTrainer, TrainingDiverged
 
 
@@ -111,8 +112,8 @@ class LoraFinetune:
         cfg = self.cfg
         check_quantization(cfg.load_in_8bit, cfg.load_in_4bit)
         self.precision = resolve_precision(cfg.precision)
-        if not cfg.data_path:
-            raise ConfigError("data_path: required (a .json, .jsonl, .csv or .parquet file)")
+        cfg.check_for_training()  # the API's TrainConfig(...): the other key rules ran when it was built
+        # world size is how it was launched, not the config: batch_size % micro_batch_size is a config rule
         per_step = cfg.micro_batch_size * world_size()
         if cfg.batch_size % per_step:
             raise ConfigError(f"batch_size ({cfg.batch_size}) must be a multiple of micro_batch_size x "
@@ -122,13 +123,7 @@ class LoraFinetune:
         for backend in self.report_to:
             if backend != "tensorboard" and importlib.util.find_spec(backend) is None:
                 key = "wandb_project" if backend == "wandb" and cfg.wandb_project else "report_to"
-                raise ConfigError(f"{key}: {backend} is not installed (pip install {backend})")
-        if cfg.early_stopping_patience and not cfg.val_set_size:
-            raise ConfigError("early_stopping_patience: needs a validation set; set val_set_size "
-                              "(a count, or a fraction below 1)")
-        if cfg.val_set_size and cfg.load_best_model_at_end and cfg.save_steps % cfg.eval_steps:
-            raise ConfigError(f"save_steps ({cfg.save_steps}) must be a multiple of eval_steps ({cfg.eval_steps}) "
-                              "so the best evaluation has a checkpoint (or set load_best_model_at_end=false)")
+                raise ConfigError(f"{key}: {backend} is not installed (pip install 'lorakit[{backend}]')")
         for path in cfg.eval_data_path:  # a bad eval file fails now, not after hours of training
             load_examples(path)
         self.resume = self._resolve_resume()
@@ -256,6 +251,11 @@ class LoraFinetune:
         quantized = cfg.load_in_8bit or cfg.load_in_4bit
         if cfg.wandb_project:
             os.environ.setdefault("WANDB_PROJECT", cfg.wandb_project)
+        if "wandb" in self.report_to:  # Alpaca-LoRA's wandb_watch / wandb_log_model
+            if cfg.wandb_watch:
+                os.environ.setdefault("WANDB_WATCH", cfg.wandb_watch)
+            if cfg.wandb_log_model:
+                os.environ.setdefault("WANDB_LOG_MODEL", "end" if cfg.wandb_log_model == "true" else cfg.wandb_log_model)
         warmup = cfg.warmup_steps if cfg.warmup_steps > 0 else cfg.warmup_ratio
         args = TrainingArguments(
             output_dir=str(self.output_dir),
@@ -297,8 +297,9 @@ class LoraFinetune:
             disable_tqdm=not is_main_process(),  # the progress bar with ETA, whatever the log level
         )
         collator = build_collator(self.tokenizer, cfg.packing)
+        self.tracker_runs = TrackerRuns()  # keeps the mlflow run open for send_summary
         callbacks = [JsonlLogCallback(self.output_dir), CheckpointMarkerCallback(),
-                     LossGuardCallback(cfg.zero_loss_warn_steps, cfg.stop_at_loss)]
+                     LossGuardCallback(cfg.zero_loss_warn_steps, cfg.stop_at_loss), self.tracker_runs]
         if has_val and cfg.early_stopping_patience:
             callbacks.append(EarlyStoppingCallback(cfg.early_stopping_patience, cfg.early_stopping_threshold))
         self.trainer = LorakitTrainer(model=self.model, args=args, train_dataset=self.train_features,
@@ -443,6 +444,8 @@ class LoraFinetune:
         manifest = self.save()
         if self.cfg.eval_data_path and is_main_process():
             manifest = self.evaluate_adapter(manifest)
+        if is_main_process():
+            send_summary(manifest, self.report_to, self.tracker_runs)  # the manifest's figures to mlflow / wandb
         t = manifest["training"]
         info(f"done: {t['global_steps']} steps in {t['wall_s']}s, {t['tokens_seen']:,} tokens seen, "
              f"{t['tokens_per_s']} tokens/s, peak memory {t['peak_memory_mib']:.0f} MiB; train loss "

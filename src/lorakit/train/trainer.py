@@ -131,13 +131,21 @@ class LorakitTrainer(Trainer):
                     logs[key] = round(sum(v[i] for v in norms.values()) / len(norms), 6)
                 every = self.lora_norms_steps
                 if not every or self.state.global_step % every == 0:
-                    self._per_layer_norms_to_tensorboard(norms)
+                    self._per_layer_norms_to_trackers(norms)
         super().log(logs, start_time)
 
     def is_sharded(self) -> bool:
         """Whether the weights are split over processes (DeepSpeed ZeRO-3 or FSDP)."""
         from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
         return bool(getattr(self, "is_fsdp_enabled", False)) or is_deepspeed_zero3_enabled()
+
+    def _per_layer_norms_to_trackers(self, norms) -> None:
+        """Per-layer norms to TensorBoard and to the MLflow / W&B runs of report_to."""
+        from .trackers import log_scalars, per_layer_scalars
+
+        self._per_layer_norms_to_tensorboard(norms)
+        if self.is_world_process_zero():
+            log_scalars(self.callback_handler.callbacks, per_layer_scalars(norms), self.state.global_step)
 
     def _per_layer_norms_to_tensorboard(self, norms) -> None:
         """One scalar per adapted layer and matrix, written with the Trainer's own TensorBoard
