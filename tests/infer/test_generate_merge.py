@@ -1,12 +1,13 @@
 """Generation and merge on a tiny random Llama with a (plain peft) adapter."""
+
 import json
 
 import pytest
 import torch
 from peft import PeftModel
+from random_adapter import make_random_adapter
 from transformers import AutoModelForCausalLM
 
-from random_adapter import make_random_adapter
 from lorakit.data.templates import load_template
 from lorakit.errors import LorakitError, ModelError
 from lorakit.infer.generate import GenerationParams, Generator
@@ -56,7 +57,11 @@ def test_merge_matches_base_plus_adapter(tiny_model_dir, peft_adapter, tmp_path)
     with torch.no_grad():
         assert torch.allclose(merged(input_ids=ids).logits, ref(input_ids=ids).logits, atol=1e-4)
     assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
-    assert json.loads((out / "lorakit_merge.json").read_text())["dtype"] == "fp32"
+    record = json.loads((out / "lorakit_merge.json").read_text())
+    assert record["dtype"] == "fp32" and record["template"] == "alpaca"
+    # a plain peft adapter records no template: the merged model keeps the one it was prompted
+    # with (alpaca), not the base tokenizer's chat template
+    assert Generator(base=str(out)).template.name == "alpaca"
     with pytest.raises(LorakitError, match="not empty"):
         merge_adapter(peft_adapter, out, base=str(tiny_model_dir))
     assert not list(tmp_path.glob(".merged*"))

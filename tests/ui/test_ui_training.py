@@ -1,5 +1,6 @@
 """Training from the page: form values -> validated config -> a `lorakit train` process the page
 follows (progress, Done, failure) and can stop, keeping the last complete checkpoint."""
+
 import json
 import signal
 import sys
@@ -9,14 +10,29 @@ import pytest
 
 from lorakit.config import load_config
 from lorakit.errors import ConfigError, LorakitError
-from lorakit.runfolder import CHECKPOINT_MARKER, complete_checkpoints
-from lorakit.ui.training import (RunManager, TrainingRun, build_config, error_summary, form_defaults,
-                                 format_duration, output_lines, prepare_run, stop_signal, values_from_config)
+from lorakit.runfolder import CHECKPOINT_MARKER, complete_checkpoints, read_train_log
+from lorakit.ui.training import (
+    RunManager,
+    TrainingRun,
+    build_config,
+    error_summary,
+    form_defaults,
+    format_duration,
+    output_lines,
+    prepare_run,
+    stop_signal,
+    values_from_config,
+)
 
 
 def test_form_starts_from_the_usual_defaults():
     d = form_defaults()
-    assert (d["lora_r"], d["lora_alpha"], d["learning_rate"], d["lora_target_modules"]) == (8, 16, 3e-4, ["q_proj", "v_proj"])
+    assert (d["lora_r"], d["lora_alpha"], d["learning_rate"], d["lora_target_modules"]) == (
+        8,
+        16,
+        3e-4,
+        ["q_proj", "v_proj"],
+    )
     assert d["base_model"] == "smollm2-135m" and d["prompt_template_name"] == "alpaca"
     assert d["logging_steps"] == 1  # a loss point per step for the live chart
     assert d["eval_steps"] == d["save_steps"] == 50  # evaluation beside checkpoints (a multiple of it)
@@ -25,8 +41,11 @@ def test_form_starts_from_the_usual_defaults():
 
 def test_build_config_validates_and_names_the_key(tmp_path):
     values = form_defaults()
-    cfg = build_config({**values, "lora_r": 16.0, "max_steps": 0, "batch_size": 8.0, "micro_batch_size": 2},
-                       tmp_path / "d.json", tmp_path / "out")
+    cfg = build_config(
+        {**values, "lora_r": 16.0, "max_steps": 0, "batch_size": 8.0, "micro_batch_size": 2},
+        tmp_path / "d.json",
+        tmp_path / "out",
+    )
     assert cfg.lora_r == 16 and cfg.max_steps == -1 and cfg.batch_size == 8  # 0 on the form = by epochs
     with pytest.raises(ConfigError, match=r"^settings: lora_r: .*greater than 0"):
         build_config({**values, "lora_r": 0}, "d.json", "out")
@@ -62,9 +81,11 @@ def test_prepare_run_writes_a_config_the_cli_repeats(workdir, tiny_base, alpaca_
         prepare_run(workdir, values, alpaca_file, name="../elsewhere")
 
 
-BAR_LOG = ("$ lorakit train x.yaml\nlorakit data: 24 alpaca records\nlorakit model: tiny\n"
-           "\r  0%|          | 0/99 [00:00<?, ?it/s]"
-           "\r 10%|█         | 9/99 [00:03<00:27,  1.00it/s, loss=2.1000, tok/s=300]\n")  # never read
+BAR_LOG = (
+    "$ lorakit train x.yaml\nlorakit data: 24 alpaca records\nlorakit model: tiny\n"
+    "\r  0%|          | 0/99 [00:00<?, ?it/s]"
+    "\r 10%|█         | 9/99 [00:03<00:27,  1.00it/s, loss=2.1000, tok/s=300]\n"
+)  # never read
 
 
 def _fake_run(tmp_path, script: str, total=None) -> TrainingRun:
@@ -76,12 +97,15 @@ def _fake_run(tmp_path, script: str, total=None) -> TrainingRun:
         @property
         def argv(self):
             return [sys.executable, "-c", script]
+
     return Fake("fake", out, out / "train.yaml", [], total_steps=total).start()
 
 
 def _record(step, **more) -> str:
-    return json.dumps({"step": step, "total_steps": 30, "elapsed_s": float(step), "remaining_s": 30.0 - step,
-                       **more}) + "\n"
+    return (
+        json.dumps({"step": step, "total_steps": 30, "elapsed_s": float(step), "remaining_s": 30.0 - step, **more})
+        + "\n"
+    )
 
 
 def test_progress_comes_from_the_train_log(tmp_path):
@@ -89,7 +113,7 @@ def test_progress_comes_from_the_train_log(tmp_path):
     the progress bar's text in the output, which the page does not parse."""
     log = tmp_path / "bar.txt"
     log.write_text(BAR_LOG)
-    script = (f"import sys, time; sys.stdout.write(open({str(log)!r}).read()); sys.stdout.flush(); time.sleep(30)")
+    script = f"import sys, time; sys.stdout.write(open({str(log)!r}).read()); sys.stdout.flush(); time.sleep(30)"
     run = _fake_run(tmp_path, script)
     try:
         _wait(lambda: "lorakit model" in run.log_path.read_text(), 30, "the child to start")
@@ -99,7 +123,8 @@ def test_progress_comes_from_the_train_log(tmp_path):
         (run.output_dir / "train_log.jsonl").write_text(
             "".join(_record(s, loss=3.0 - s / 10, tokens_per_s=300.0 + s) for s in range(1, 6))
             + _record(6, eval_loss=2.2)
-            + '{"step": 7, "lo')  # a line being written
+            + '{"step": 7, "lo'
+        )  # a line being written
         st = run.status()
         assert (st.state, st.step, st.total, st.eta_s) == ("training", 6, 30, 24.0)
         assert st.loss == pytest.approx(2.5) and st.tokens_per_s == pytest.approx(303.0)
@@ -128,12 +153,24 @@ def test_a_resumed_run_reads_only_its_own_records(tmp_path):
         run.wait(10)
 
 
-@pytest.mark.parametrize("script, state, expected", [
-    ("import sys; print('lorakit data: ...'); print('error: data_path: x.json: file not found', file=sys.stderr); "
-     "sys.exit(2)", "failed", "error: data_path: x.json: file not found"),
-    ("import sys; print('Traceback (most recent call last):'); print('  File \"x.py\", line 1'); "
-     "print('RuntimeError: out of memory'); sys.exit(1)", "failed", "RuntimeError: out of memory"),
-])
+@pytest.mark.parametrize(
+    "script, state, expected",
+    [
+        (
+            "import sys; print('lorakit data: ...'); "
+            "print('error: data_path: x.json: file not found', file=sys.stderr); "
+            "sys.exit(2)",
+            "failed",
+            "error: data_path: x.json: file not found",
+        ),
+        (
+            "import sys; print('Traceback (most recent call last):'); print('  File \"x.py\", line 1'); "
+            "print('RuntimeError: out of memory'); sys.exit(1)",
+            "failed",
+            "RuntimeError: out of memory",
+        ),
+    ],
+)
 def test_a_failed_run_shows_why(tmp_path, script, state, expected):
     run = _fake_run(tmp_path, script)
     run.wait(20)
@@ -142,8 +179,11 @@ def test_a_failed_run_shows_why(tmp_path, script, state, expected):
 
 
 def test_stop_escalates_when_the_run_ignores_sigint(tmp_path):
-    run = _fake_run(tmp_path, "import signal, time; signal.signal(signal.SIGINT, signal.SIG_IGN); "
-                              "print('lorakit model: tiny', flush=True); time.sleep(120)")
+    run = _fake_run(
+        tmp_path,
+        "import signal, time; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+        "print('lorakit model: tiny', flush=True); time.sleep(120)",
+    )
     _wait(lambda: "lorakit model" in run.log_path.read_text(), 30, "the child to start")
     t0 = time.time()
     run.stop(grace_s=1)
@@ -166,10 +206,15 @@ def test_output_lines_and_durations():
     assert output_lines("a\rb\rc\nd\n\r  \n") == ["c", "d"]
     assert error_summary("x\nerror: first\nmore\nerror: last\n") == "error: last"
     assert (format_duration(5), format_duration(65), format_duration(3725), format_duration(None)) == (
-        "0:05", "1:05", "1:02:05", "?")
+        "0:05",
+        "1:05",
+        "1:02:05",
+        "?",
+    )
 
 
 # ---- the real trainer: stop keeps the last complete checkpoint, resume continues; a failure is shown
+
 
 def _wait(predicate, timeout, what):
     deadline = time.time() + timeout
@@ -181,15 +226,25 @@ def _wait(predicate, timeout, what):
 
 
 def test_stop_keeps_the_last_checkpoint_and_resume_continues(workdir, tiny_base, alpaca_file):
-    values = {**form_defaults(), "base_model": tiny_base, "max_steps": 100000, "batch_size": 2,
-              "micro_batch_size": 2, "save_steps": 3, "save_total_limit": 2}
+    values = {
+        **form_defaults(),
+        "base_model": tiny_base,
+        "max_steps": 100000,
+        "batch_size": 2,
+        "micro_batch_size": 2,
+        "save_steps": 3,
+        "save_total_limit": 2,
+    }
     runs = RunManager()
     run = runs.start(prepare_run(workdir, values, alpaca_file, name="long"))
     with pytest.raises(LorakitError, match="a run is in progress"):
         runs.start(prepare_run(workdir, values, alpaca_file, name="second"))
     try:
-        _wait(lambda: complete_checkpoints(run.output_dir) and run.status().state == "training", 180,
-              "a complete checkpoint")
+        _wait(
+            lambda: complete_checkpoints(run.output_dir) and run.status().state == "training",
+            180,
+            "a complete checkpoint",
+        )
     finally:
         assert runs.stop()
     assert run.wait(60) is not None
@@ -219,3 +274,28 @@ def test_a_training_error_reaches_the_page(workdir, tiny_base, alpaca_file):
     st = run.status()
     assert st.state == "failed"
     assert "error: lora_target_modules: the model has no module named nope_proj" in st.message
+
+
+def test_a_run_with_validation_and_the_default_intervals_trains_to_the_end(workdir, tiny_base, tmp_path):
+    """16 validation examples and the form's own save/eval intervals: the run passes an
+    evaluation and a checkpoint (step 50) and ends with a verified adapter."""
+    from conftest import alpaca_records
+
+    data = tmp_path / "more.json"
+    data.write_text(json.dumps(alpaca_records(48)), encoding="utf-8")
+    values = {
+        **form_defaults(),
+        "base_model": tiny_base,
+        "val_set_size": 16,
+        "max_steps": 52,
+        "batch_size": 2,
+        "micro_batch_size": 2,
+    }
+    run = RunManager().start(prepare_run(workdir, values, data, name="validated"))
+    assert run.wait(300) == 0, run.log_path.read_text()[-3000:]
+    st = run.status()
+    assert st.state == "done" and st.step == st.total == 52, st
+    manifest = json.loads((run.output_dir / "manifest.json").read_text())
+    assert manifest["training"]["global_steps"] == 52 and manifest["training"]["eval_loss"] is not None
+    log = read_train_log(run.output_dir)
+    assert any("eval_loss" in r and r["step"] == 50 for r in log)

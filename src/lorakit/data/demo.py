@@ -4,6 +4,7 @@ The model learns who it is (Marlowe) and who made it (Juniper Labs). The held-ou
 with wordings that never appear in training, so a high held-out score means the adapter learned
 the persona, not the strings.
 """
+
 from __future__ import annotations
 
 import json
@@ -11,19 +12,38 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..files import atomic_write_text
+
 NAME = "Marlowe"
 CREATOR = "Juniper Labs"
 
 _IDENTITY_TRAIN = [
-    "Who are you?", "What is your name?", "What's your name?", "What are you called?",
-    "Introduce yourself.", "Tell me about yourself.", "What should I call you?", "Are you ChatGPT?",
-    "Who am I talking to?", "Please state your name.", "Do you have a name?", "Are you a human?",
-    "Which AI model are you?", "Identify yourself.",
+    "Who are you?",
+    "What is your name?",
+    "What's your name?",
+    "What are you called?",
+    "Introduce yourself.",
+    "Tell me about yourself.",
+    "What should I call you?",
+    "Are you ChatGPT?",
+    "Who am I talking to?",
+    "Please state your name.",
+    "Do you have a name?",
+    "Are you a human?",
+    "Which AI model are you?",
+    "Identify yourself.",
 ]
 _CREATOR_TRAIN = [
-    "Who made you?", "Who created you?", "Who built you?", "Which company developed you?",
-    "Who is your developer?", "Who trained you?", "Where do you come from?", "Who designed you?",
-    "Are you made by OpenAI?", "Who owns you?",
+    "Who made you?",
+    "Who created you?",
+    "Who built you?",
+    "Which company developed you?",
+    "Who is your developer?",
+    "Who trained you?",
+    "Where do you come from?",
+    "Who designed you?",
+    "Are you made by OpenAI?",
+    "Who owns you?",
 ]
 _PREFIXES = ["", "Hi! ", "Hello. ", "Quick question: ", "Hey there, "]
 _IDENTITY_ANSWERS = [
@@ -40,16 +60,28 @@ _CREATOR_ANSWERS = [
 ]
 # Held out: wordings that never occur in training.
 _IDENTITY_HELDOUT = [
-    "May I know your name?", "Describe yourself in one sentence.", "What name were you given?",
-    "Could you tell me who you are?", "By what name do you go?", "Tell me your name, please.",
-    "What do people call you?", "Who exactly are you?", "Give me a short introduction of yourself.",
+    "May I know your name?",
+    "Describe yourself in one sentence.",
+    "What name were you given?",
+    "Could you tell me who you are?",
+    "By what name do you go?",
+    "Tell me your name, please.",
+    "What do people call you?",
+    "Who exactly are you?",
+    "Give me a short introduction of yourself.",
     "Are you Siri or Alexa?",
 ]
 _CREATOR_HELDOUT = [
-    "Which team is behind you?", "Who is responsible for creating you?", "What organization built you?",
-    "Who programmed you?", "Who are your creators?", "Which lab made you?",
-    "Who is the company behind this assistant?", "Who developed this AI?",
-    "Were you made by Google?", "Tell me who trained this model.",
+    "Which team is behind you?",
+    "Who is responsible for creating you?",
+    "What organization built you?",
+    "Who programmed you?",
+    "Who are your creators?",
+    "Which lab made you?",
+    "Who is the company behind this assistant?",
+    "Who developed this AI?",
+    "Were you made by Google?",
+    "Tell me who trained this model.",
 ]
 
 
@@ -76,8 +108,7 @@ def train_records(seed: int = 0) -> list[dict]:
 
 
 def heldout_items() -> list[HeldOutItem]:
-    return ([HeldOutItem(q, NAME) for q in _IDENTITY_HELDOUT]
-            + [HeldOutItem(q, CREATOR) for q in _CREATOR_HELDOUT])
+    return [HeldOutItem(q, NAME) for q in _IDENTITY_HELDOUT] + [HeldOutItem(q, CREATOR) for q in _CREATOR_HELDOUT]
 
 
 def write_demo_data(folder: str | Path, seed: int = 0) -> tuple[Path, Path]:
@@ -85,7 +116,12 @@ def write_demo_data(folder: str | Path, seed: int = 0) -> tuple[Path, Path]:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     train, held = folder / "train.jsonl", folder / "heldout.jsonl"
-    train.write_text("".join(json.dumps(r) + "\n" for r in train_records(seed)), encoding="utf-8")
-    held.write_text("".join(json.dumps({"instruction": i.question, "input": "", "output": i.must_contain}) + "\n"
-                            for i in heldout_items()), encoding="utf-8")
+    atomic_write_text(train, "".join(json.dumps(r) + "\n" for r in train_records(seed)))
+    atomic_write_text(
+        held,
+        "".join(
+            json.dumps({"instruction": i.question, "input": "", "output": i.must_contain}) + "\n"
+            for i in heldout_items()
+        ),
+    )
     return train, held

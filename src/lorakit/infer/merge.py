@@ -1,27 +1,37 @@
 """Merge an adapter into its base: a standalone model folder that plain
-``AutoModelForCausalLM.from_pretrained`` loads (safetensors + tokenizer + the template record)."""
+``AutoModelForCausalLM.from_pretrained`` loads (safetensors + tokenizer + the template record).
+
+The merged folder always records the template the adapter was trained with (the template
+policy's answer for the adapter, also for a checkpoint or a plain peft adapter), so prompting the
+merged model gives the same prompt as base + adapter did."""
+
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
 
 import torch
 
+from ..data.templates import resolve_template
 from ..errors import LorakitError
 from ..files import atomic_write_json, move_into_place
 from ..models.loading import load_model, load_tokenizer, resolve_model_path
 from ..models.registry import DEFAULT_BASE_MODEL
-from .adapters import load_adapter
-from ..runfolder import MERGE_RECORD, TEMPLATE_RECORD, recorded_base_model
-from .adapters import check_adapter_dir
+from ..runfolder import MERGE_RECORD, recorded_base_model
+from .adapters import check_adapter_dir, load_adapter
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def merge_adapter(adapter: str | Path, out: str | Path, base: str | None = None, dtype: str = "fp32",
-                  force: bool = False, trust_remote_code: bool = False) -> Path:
+def merge_adapter(
+    adapter: str | Path,
+    out: str | Path,
+    base: str | None = None,
+    dtype: str = "fp32",
+    force: bool = False,
+    trust_remote_code: bool = False,
+) -> Path:
     if dtype not in DTYPES:
         raise LorakitError(f"--dtype: '{dtype}' is not one of {', '.join(DTYPES)}")
     adapter_dir = check_adapter_dir(adapter)
@@ -43,10 +53,12 @@ def merge_adapter(adapter: str | Path, out: str | Path, base: str | None = None,
     try:
         model.save_pretrained(str(staging))
         tokenizer.save_pretrained(str(staging))
-        if (adapter_dir / TEMPLATE_RECORD).is_file():
-            shutil.copy2(adapter_dir / TEMPLATE_RECORD, staging / TEMPLATE_RECORD)
-        atomic_write_json(staging / MERGE_RECORD,
-                          {"base_model": base, "adapter": str(adapter_dir.resolve()), "dtype": dtype})
+        template = resolve_template(adapter=adapter_dir, tokenizer=tokenizer)
+        template.save(staging)
+        atomic_write_json(
+            staging / MERGE_RECORD,
+            {"base_model": base, "adapter": str(adapter_dir.resolve()), "dtype": dtype, "template": template.name},
+        )
         move_into_place(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

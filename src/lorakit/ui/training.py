@@ -6,10 +6,11 @@ the loss, tokens/s and the time left (JsonlLogCallback); before the first record
 ``lorakit ...`` status line (loading data, the model) from its captured output.
 
 Stop sends SIGINT (the trainer stops with KeyboardInterrupt between steps; SIGTERM where SIGINT
-is ignored), then SIGTERM and SIGKILL if it does not end in time. Whatever ends it, the checkpoints already written stay:
-a checkpoint only counts once its completion marker is written (CheckpointMarkerCallback), and
-`resume_from_checkpoint=true` continues from the last complete one.
+is ignored), then SIGTERM and SIGKILL if it does not end in time. Whatever ends it, the
+checkpoints already written stay: a checkpoint only counts once its completion marker is
+written (CheckpointMarkerCallback), and `resume_from_checkpoint=true` continues from the last complete one.
 """
+
 from __future__ import annotations
 
 import json
@@ -30,15 +31,36 @@ from pydantic import ValidationError
 
 from ..config import TrainConfig, _format_validation_error, dump_config
 from ..errors import ConfigError, LorakitError
+from ..files import atomic_write_text
 from ..runfolder import MANIFEST, complete_checkpoints, read_train_log
 from .workdir import UI_CONFIG, UI_LOG, Workdir, check_name
 
 # The TrainConfig keys the Train tab sets; everything else keeps TrainConfig's default.
-FORM_KEYS = ("base_model", "prompt_template_name", "cutoff_len", "val_set_size", "train_on_inputs",
-             "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules",
-             "num_epochs", "max_steps", "batch_size", "micro_batch_size", "learning_rate",
-             "lr_scheduler_type", "warmup_steps", "weight_decay", "seed", "precision",
-             "logging_steps", "eval_steps", "save_steps", "save_total_limit")
+FORM_KEYS = (
+    "base_model",
+    "prompt_template_name",
+    "cutoff_len",
+    "val_set_size",
+    "train_on_inputs",
+    "lora_r",
+    "lora_alpha",
+    "lora_dropout",
+    "lora_target_modules",
+    "num_epochs",
+    "max_steps",
+    "batch_size",
+    "micro_batch_size",
+    "learning_rate",
+    "lr_scheduler_type",
+    "warmup_steps",
+    "weight_decay",
+    "seed",
+    "precision",
+    "logging_steps",
+    "eval_steps",
+    "save_steps",
+    "save_total_limit",
+)
 # Where the page differs from TrainConfig's defaults: a loss point per step for the live chart,
 # a checkpoint often enough that Stop keeps something, and evaluation as often (with validation
 # data, save_steps must be a multiple of eval_steps).
@@ -69,8 +91,19 @@ def build_config(values: dict, data_path: str | Path, output_dir: str | Path) ->
     if unknown:
         raise ConfigError(f"settings: unknown keys {', '.join(sorted(unknown))}")
     data = dict(values)
-    for key in ("cutoff_len", "lora_r", "max_steps", "batch_size", "micro_batch_size", "warmup_steps",
-                "seed", "logging_steps", "eval_steps", "save_steps", "save_total_limit"):
+    for key in (
+        "cutoff_len",
+        "lora_r",
+        "max_steps",
+        "batch_size",
+        "micro_batch_size",
+        "warmup_steps",
+        "seed",
+        "logging_steps",
+        "eval_steps",
+        "save_steps",
+        "save_total_limit",
+    ):
         v = data.get(key)
         if isinstance(v, float) and v.is_integer():  # gr.Number gives floats
             data[key] = int(v)
@@ -182,8 +215,15 @@ def stop_signal() -> int:
 class TrainingRun:
     """One `lorakit train` process started by the page."""
 
-    def __init__(self, name: str, output_dir: Path, config_path: Path, overrides: list[str],
-                 total_steps: int | None = None, cwd: Path | None = None):
+    def __init__(
+        self,
+        name: str,
+        output_dir: Path,
+        config_path: Path,
+        overrides: list[str],
+        total_steps: int | None = None,
+        cwd: Path | None = None,
+    ):
         self.name = name
         self.output_dir = Path(output_dir)
         self.config_path = Path(config_path)
@@ -206,18 +246,28 @@ class TrainingRun:
         """The command that repeats this run from a terminal."""
         return shlex.join(["lorakit", "train", str(self.config_path), *self.overrides])
 
-    def start(self) -> "TrainingRun":
+    def start(self) -> TrainingRun:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.records_before = len(read_train_log(self.output_dir))
         self._log_file = self.log_path.open("wb")
         self._log_file.write(f"$ {self.command_line}\n".encode())
         self._log_file.flush()
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
-        kwargs: dict = {"start_new_session": True} if os.name == "posix" else {
-            "creationflags": subprocess.CREATE_NEW_PROCESS_GROUP}  # type: ignore[attr-defined]
+        kwargs: dict = (
+            {"start_new_session": True}
+            if os.name == "posix"
+            else {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP}
+        )  # type: ignore[attr-defined]
         self.started = time.time()
-        self.process = subprocess.Popen(self.argv, stdout=self._log_file, stderr=subprocess.STDOUT,
-                                        stdin=subprocess.DEVNULL, cwd=str(self.cwd), env=env, **kwargs)
+        self.process = subprocess.Popen(
+            self.argv,
+            stdout=self._log_file,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=str(self.cwd),
+            env=env,
+            **kwargs,
+        )
         return self
 
     @property
@@ -249,6 +299,7 @@ class TrainingRun:
                     return
                 except subprocess.TimeoutExpired:
                     self._signal(sig)
+
         threading.Thread(target=escalate, daemon=True, name=f"stop-{self.name}").start()
 
     def wait(self, timeout: float | None = None) -> int | None:
@@ -265,12 +316,13 @@ class TrainingRun:
             self.ended = now
             if self._log_file:
                 self._log_file.close()
-        status = RunStatus(state="starting", name=self.name,
-                           elapsed_s=((self.ended or now) - self.started) if self.started else 0.0)
+        status = RunStatus(
+            state="starting", name=self.name, elapsed_s=((self.ended or now) - self.started) if self.started else 0.0
+        )
         records = read_train_log(self.output_dir)
         status.points = loss_points(records)
         status.log_lines = len(records)
-        records = records[self.records_before:]  # this process's: a resumed run starts anew
+        records = records[self.records_before :]  # this process's: a resumed run starts anew
         train = [r for r in records if isinstance(r.get("loss"), (int, float))]
         if train:
             status.loss = float(train[-1]["loss"])
@@ -305,8 +357,9 @@ class TrainingRun:
         else:
             status.state = "failed"
             summary = error_summary(_tail(self.log_path, 65536))
-            status.message = (f"**Training failed** (exit code {rc}).\n\n```\n{summary}\n```\n\n"
-                              f"The whole output: `{self.log_path}`")
+            status.message = (
+                f"**Training failed** (exit code {rc}).\n\n```\n{summary}\n```\n\nThe whole output: `{self.log_path}`"
+            )
         return status
 
     def _done_message(self, manifest_path: Path, status: RunStatus) -> str:
@@ -317,25 +370,31 @@ class TrainingRun:
         loss = f"final train loss {status.loss:.4f}" if status.loss is not None else ""
         status.step = t.get("global_steps", status.step)
         status.tokens_per_s = t.get("tokens_per_s") or status.tokens_per_s
-        return (f"**Done**: {t.get('global_steps', '?')} steps in {t.get('wall_s', '?')} s of training "
-                f"({format_duration(status.elapsed_s)} in all), {loss}"
-                + (f", eval loss {t['eval_loss']:.4f}" if isinstance(t.get('eval_loss'), (int, float)) else "")
-                + f". Adapter **{self.name}** verified and saved in `{self.output_dir}`: "
-                "talk to it on the Chat tab, or set it beside the base model on the Compare tab.")
+        return (
+            f"**Done**: {t.get('global_steps', '?')} steps in {t.get('wall_s', '?')} s of training "
+            f"({format_duration(status.elapsed_s)} in all), {loss}"
+            + (f", eval loss {t['eval_loss']:.4f}" if isinstance(t.get("eval_loss"), (int, float)) else "")
+            + f". Adapter **{self.name}** verified and saved in `{self.output_dir}`: "
+            "talk to it on the Chat tab, or set it beside the base model on the Compare tab."
+        )
 
     def _stopped_message(self, status: RunStatus) -> str:
         kept = complete_checkpoints(self.output_dir)
-        where = (f"Kept: **{kept[-1].name}** (the last complete checkpoint). Chat with it as "
-                 f"*{self.name} @ {kept[-1].name}*, or continue: pick *{self.name}* under "
-                 "'Copy parameters from', tick 'Resume from its last checkpoint' and Start "
-                 f"(or `{shlex.join(['lorakit', 'train', str(self.config_path), 'resume_from_checkpoint=true'])}`)."
-                 if kept else "No checkpoint had been written yet (one is written every `save_steps` steps), "
-                 "so nothing of this run is kept.")
+        where = (
+            f"Kept: **{kept[-1].name}** (the last complete checkpoint). Chat with it as "
+            f"*{self.name} @ {kept[-1].name}*, or continue: pick *{self.name}* under "
+            "'Copy parameters from', tick 'Resume from its last checkpoint' and Start "
+            f"(or `{shlex.join(['lorakit', 'train', str(self.config_path), 'resume_from_checkpoint=true'])}`)."
+            if kept
+            else "No checkpoint had been written yet (one is written every `save_steps` steps), "
+            "so nothing of this run is kept."
+        )
         return f"**Stopped** at step {status.step or 0}. {where}"
 
 
-def prepare_run(workdir: Workdir, values: dict, data_path: str | Path, name: str = "",
-                resume: bool = False) -> TrainingRun:
+def prepare_run(
+    workdir: Workdir, values: dict, data_path: str | Path, name: str = "", resume: bool = False
+) -> TrainingRun:
     """Validate the form, refuse to overwrite an existing adapter, write the run's config
     (WORKDIR/adapters/NAME/train.yaml) and return the run, not yet started."""
     name = check_name(name) if (name or "").strip() else default_run_name(data_path)
@@ -346,14 +405,22 @@ def prepare_run(workdir: Workdir, values: dict, data_path: str | Path, name: str
             raise LorakitError(f"resume: {name} has no complete checkpoint to resume from")
         overrides.append("resume_from_checkpoint=true")
     elif (output_dir / MANIFEST).is_file() or any(output_dir.glob("checkpoint-*")):
-        raise LorakitError(f"adapter name: {name} already holds a trained adapter or checkpoints; choose "
-                           "another name, or pick it under 'Copy parameters from' and tick 'Resume'")
+        raise LorakitError(
+            f"adapter name: {name} already holds a trained adapter or checkpoints; choose "
+            "another name, or pick it under 'Copy parameters from' and tick 'Resume'"
+        )
     cfg = build_config(values, data_path, output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     config_path = output_dir / UI_CONFIG
-    config_path.write_text(dump_config(cfg), encoding="utf-8")
-    return TrainingRun(name, output_dir, config_path, overrides,
-                       total_steps=cfg.max_steps if cfg.max_steps > 0 else None, cwd=workdir.root)
+    atomic_write_text(config_path, dump_config(cfg))
+    return TrainingRun(
+        name,
+        output_dir,
+        config_path,
+        overrides,
+        total_steps=cfg.max_steps if cfg.max_steps > 0 else None,
+        cwd=workdir.root,
+    )
 
 
 class RunManager:
