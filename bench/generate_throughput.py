@@ -8,6 +8,7 @@ generation throughput at batch 1, 4 and 8. Ends with one JSON line.
 
 usage: python bench/generate_throughput.py [--base B] [--adapter DIR] [--new-tokens 64] [--repeats 3]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,18 +21,27 @@ from pathlib import Path
 
 import torch
 
-PROMPTS = ["Give three tips for staying healthy.", "What is the capital of France?",
-           "Write a haiku about the sea.", "Explain what a neural network is.",
-           "Name a famous painting.", "How do I boil an egg?", "What is 12 times 7?",
-           "Describe a sunset in one sentence."]
+PROMPTS = [
+    "Give three tips for staying healthy.",
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "Explain what a neural network is.",
+    "Name a famous painting.",
+    "How do I boil an egg?",
+    "What is 12 times 7?",
+    "Describe a sunset in one sentence.",
+]
 
 
 def make_adapter(base_path: str, folder: Path) -> Path:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
+
     torch.manual_seed(0)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_path),
-                           LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(base_path),
+        LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
+    )
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
@@ -44,11 +54,13 @@ def tokens_per_s(model, tokenizer, prompts: list[str], new_tokens: int, repeats:
     """Median over repeats of generated tokens / wall time, greedy, left-padded batch."""
     tokenizer.padding_side = "left"
     batch = tokenizer(prompts, return_tensors="pt", padding=True)
-    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                  pad_token_id=tokenizer.pad_token_id)
+    kwargs = dict(
+        max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+    )
     with torch.no_grad():
-        model.generate(**batch, max_new_tokens=4, min_new_tokens=4, do_sample=False,
-                       pad_token_id=tokenizer.pad_token_id)  # warm-up
+        model.generate(
+            **batch, max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=tokenizer.pad_token_id
+        )  # warm-up
         rates = []
         for _ in range(repeats):
             t0 = time.perf_counter()
@@ -69,6 +81,7 @@ def main() -> int:
     from transformers import AutoModelForCausalLM
 
     from lorakit.models.loading import load_tokenizer, resolve_model_path
+
     torch.manual_seed(0)
     base_path = resolve_model_path(a.base)
     tok = load_tokenizer(base_path)
@@ -90,14 +103,20 @@ def main() -> int:
     print(f"{'batch':<8}{'base tokens/s':>16}{'merged tokens/s':>18}")
     for n in (1, 4, 8):
         print(f"{n:<8}{batched[n]:>16.1f}{batched_merged[n]:>18.1f}")
-    print(json.dumps({
-        "base_tokens_per_s": round(r_base, 1), "unmerged_tokens_per_s": round(r_unmerged, 1),
-        "merged_tokens_per_s": round(r_merged, 1),
-        "merged_vs_base": round(r_merged / r_base, 3), "unmerged_vs_base": round(r_unmerged / r_base, 3),
-        "batched_tokens_per_s": {str(n): round(v, 1) for n, v in batched.items()},
-        "batched_merged_tokens_per_s": {str(n): round(v, 1) for n, v in batched_merged.items()},
-        "threads": torch.get_num_threads(),
-    }))
+    print(
+        json.dumps(
+            {
+                "base_tokens_per_s": round(r_base, 1),
+                "unmerged_tokens_per_s": round(r_unmerged, 1),
+                "merged_tokens_per_s": round(r_merged, 1),
+                "merged_vs_base": round(r_merged / r_base, 3),
+                "unmerged_vs_base": round(r_unmerged / r_base, 3),
+                "batched_tokens_per_s": {str(n): round(v, 1) for n, v in batched.items()},
+                "batched_merged_tokens_per_s": {str(n): round(v, 1) for n, v in batched_merged.items()},
+                "threads": torch.get_num_threads(),
+            }
+        )
+    )
     return 0
 
 

@@ -16,6 +16,7 @@ Also the weights files' sizes and the largest weight error. Prints one JSON obje
 
 usage: python bench/int8_drift.py --adapter lorakit-demo/adapter [--base B] [--alpaca 10] [--max-new-tokens 40]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,6 +36,7 @@ ALPACA = REPO.parent / "shared" / "datasets" / "alpaca_en_demo.json"
 
 def prompts(n_alpaca: int, alpaca_path: Path):
     from lorakit.data.demo import heldout_items
+
     items = [(i.question, "", i.must_contain) for i in heldout_items()]
     if n_alpaca:
         records = json.loads(alpaca_path.read_text(encoding="utf-8"))[:n_alpaca]
@@ -46,17 +48,18 @@ def prompts(n_alpaca: int, alpaca_path: Path):
 def greedy_ids(gen, items, max_new_tokens: int, batch_size: int) -> list[list[int]]:
     """Greedy new-token ids per prompt (left-padded batches), cut after the first EOS."""
     from lorakit.infer.generate import GenerationParams
+
     kw = GenerationParams(max_new_tokens=max_new_tokens).to_kwargs(gen.tokenizer)
     pad, eos = gen.tokenizer.pad_token_id, gen.tokenizer.eos_token_id
     out_ids = []
     for start in range(0, len(items), batch_size):
-        chunk = [gen.prompt_ids(q, i) for q, i, _ in items[start:start + batch_size]]
+        chunk = [gen.prompt_ids(q, i) for q, i, _ in items[start : start + batch_size]]
         width = max(len(c) for c in chunk)
         ids = torch.tensor([[pad] * (width - len(c)) + c for c in chunk])
         mask = torch.tensor([[0] * (width - len(c)) + [1] * len(c) for c in chunk])
         out = gen.model.generate(input_ids=ids, attention_mask=mask, **kw)
         for row in out[:, width:].tolist():
-            out_ids.append(row[:row.index(eos) + 1] if eos in row else row)
+            out_ids.append(row[: row.index(eos) + 1] if eos in row else row)
     return out_ids
 
 
@@ -82,6 +85,7 @@ def main() -> None:
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import transformers
+
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     from lorakit.infer.adapters import load_adapter
@@ -94,11 +98,14 @@ def main() -> None:
     figures = quantize_adapter(args.adapter, int8_dir) if not args.int8 else None
     if figures is None:  # measure the given pair
         from safetensors.torch import load_file
+
         ref = load_file(str(Path(args.adapter) / "adapter_model.safetensors"))
         got = read_int8_adapter(int8_dir)
-        figures = {"size_before_bytes": (Path(args.adapter) / "adapter_model.safetensors").stat().st_size,
-                   "size_after_bytes": (int8_dir / "adapter_model.int8.safetensors").stat().st_size,
-                   "max_abs_weight_error": max(float((got[k] - v.float()).abs().max()) for k, v in ref.items())}
+        figures = {
+            "size_before_bytes": (Path(args.adapter) / "adapter_model.safetensors").stat().st_size,
+            "size_after_bytes": (int8_dir / "adapter_model.int8.safetensors").stat().st_size,
+            "max_abs_weight_error": max(float((got[k] - v.float()).abs().max()) for k, v in ref.items()),
+        }
         figures["ratio"] = figures["size_before_bytes"] / figures["size_after_bytes"]
 
     gen = Generator(base=args.base, adapter=args.adapter)  # float adapter as "default", fp32 model
@@ -121,31 +128,65 @@ def main() -> None:
     longer = sum(max(len(a), len(b)) for a, b in zip(a_float, a_int8))
     decode = lambda ids: gen.tokenizer.decode(ids, skip_special_tokens=True).strip()  # noqa: E731
     held = [(decode(a), decode(b), must) for (_, _, must), a, b in zip(items, a_float, a_int8) if must]
-    differing = [{"prompt": q, "float": decode(a), "int8": decode(b)}
-                 for (q, _, _), a, b in zip(items, a_float, a_int8) if a != b]
+    differing = [
+        {"prompt": q, "float": decode(a), "int8": decode(b)}
+        for (q, _, _), a, b in zip(items, a_float, a_int8)
+        if a != b
+    ]
 
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
+    cpu = (
+        next(
+            (
+                line.split(":", 1)[1].strip()
+                for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")
+            ),
+            platform.processor(),
+        )
+        if Path("/proc/cpuinfo").exists()
+        else platform.processor()
+    )
     result = {
-        "adapter": str(Path(args.adapter).resolve()), "base": gen.base, "template": gen.template.name,
-        "prompts": {"total": len(items), "demo_heldout": sum(1 for i in items if i[2]),
-                    "alpaca_en_demo_first": args.alpaca},
-        "size": {"float_bytes": figures["size_before_bytes"], "int8_bytes": figures["size_after_bytes"],
-                 "ratio": round(figures["ratio"], 3)},
+        "adapter": str(Path(args.adapter).resolve()),
+        "base": gen.base,
+        "template": gen.template.name,
+        "prompts": {
+            "total": len(items),
+            "demo_heldout": sum(1 for i in items if i[2]),
+            "alpaca_en_demo_first": args.alpaca,
+        },
+        "size": {
+            "float_bytes": figures["size_before_bytes"],
+            "int8_bytes": figures["size_after_bytes"],
+            "ratio": round(figures["ratio"], 3),
+        },
         "max_abs_weight_error": figures["max_abs_weight_error"],
         "next_token_logits": {
-            "max_abs_diff_int8_vs_float": float(drift.max()), "mean_abs_diff_int8_vs_float": float(drift.mean()),
-            "max_abs_diff_float_vs_base": float(effect.max()), "mean_abs_diff_float_vs_base": float(effect.mean()),
-            "top1_agreement": f"{int((l_int8.argmax(-1) == l_float.argmax(-1)).sum())}/{len(items)}"},
-        "greedy": {"max_new_tokens": args.max_new_tokens,
-                   "identical_answers": f"{sum(a == b for a, b in zip(a_float, a_int8))}/{len(items)}",
-                   "token_agreement": round(same_tokens / max(longer, 1), 4),
-                   "tokens_compared": longer, "differing_answers": differing},
-        "demo_contains_score": {"float": f"{sum(must.lower() in a.lower() for a, _, must in held)}/{len(held)}",
-                                "int8": f"{sum(must.lower() in b.lower() for _, b, must in held)}/{len(held)}"},
-        "machine": {"cpu": cpu, "cpus": os.cpu_count(), "cuda": torch.cuda.is_available(),
-                    "torch": torch.__version__, "transformers": transformers.__version__,
-                    "python": sys.version.split()[0]},
+            "max_abs_diff_int8_vs_float": float(drift.max()),
+            "mean_abs_diff_int8_vs_float": float(drift.mean()),
+            "max_abs_diff_float_vs_base": float(effect.max()),
+            "mean_abs_diff_float_vs_base": float(effect.mean()),
+            "top1_agreement": f"{int((l_int8.argmax(-1) == l_float.argmax(-1)).sum())}/{len(items)}",
+        },
+        "greedy": {
+            "max_new_tokens": args.max_new_tokens,
+            "identical_answers": f"{sum(a == b for a, b in zip(a_float, a_int8))}/{len(items)}",
+            "token_agreement": round(same_tokens / max(longer, 1), 4),
+            "tokens_compared": longer,
+            "differing_answers": differing,
+        },
+        "demo_contains_score": {
+            "float": f"{sum(must.lower() in a.lower() for a, _, must in held)}/{len(held)}",
+            "int8": f"{sum(must.lower() in b.lower() for _, b, must in held)}/{len(held)}",
+        },
+        "machine": {
+            "cpu": cpu,
+            "cpus": os.cpu_count(),
+            "cuda": torch.cuda.is_available(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "python": sys.version.split()[0],
+        },
         "wall_s": round(time.perf_counter() - t0, 1),
     }
     tmp.cleanup()

@@ -17,6 +17,7 @@ cost is real) are written to a temp adapters-dir and loaded at run time through 
 
 Prints one JSON line with the figures last.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,8 +52,9 @@ def make_adapters(base: str, folder: Path, k: int) -> list[str]:
     for i in range(k):
         model = load_model(resolve_model_path(base))
         torch.manual_seed(100 + i)
-        cfg = LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False,
-                         task_type="CAUSAL_LM")
+        cfg = LoraConfig(
+            r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False, task_type="CAUSAL_LM"
+        )
         peft_model = get_peft_model(model, cfg)
         with torch.no_grad():  # small random updates: answers stay fluent but differ from the base
             for name, p in peft_model.named_parameters():
@@ -66,6 +68,7 @@ def make_adapters(base: str, folder: Path, k: int) -> list[str]:
 
 def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 300) -> None:
     import httpx
+
     deadline = time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:
@@ -98,12 +101,27 @@ def main() -> None:
     adapter_names = make_adapters(args.base, tmp, args.adapters) if args.adapters else []
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen([sys.executable, "-m", "lorakit.cli", "serve", "--base", args.base, "--port", str(port),
-                             "--adapters-dir", str(tmp), "--max-batch-size", str(args.max_batch_size)],
-                            env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "lorakit.cli",
+            "serve",
+            "--base",
+            args.base,
+            "--port",
+            str(port),
+            "--adapters-dir",
+            str(tmp),
+            "--max-batch-size",
+            str(args.max_batch_size),
+        ],
+        env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
+    )
     try:
         wait_ready(url, proc)
         import httpx
+
         for name in adapter_names:
             r = httpx.post(url + "/v1/adapters", json={"name": name, "path": name}, timeout=120)
             r.raise_for_status()
@@ -113,8 +131,9 @@ def main() -> None:
 
         def ask(job):
             i, model, prompt = job
-            r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}],
-                                               max_tokens=args.max_tokens, temperature=0)
+            r = client.chat.completions.create(
+                model=model, messages=[{"role": "user", "content": prompt}], max_tokens=args.max_tokens, temperature=0
+            )
             return i, r.choices[0].message.content, r.usage.completion_tokens, r.choices[0].finish_reason
 
         ask(jobs[0])  # warm-up
@@ -123,7 +142,7 @@ def main() -> None:
         per_round = max(args.clients, len(jobs) // args.rounds)
         sequential, concurrent, rounds = [], [], []
         for start in range(0, len(jobs), per_round):
-            chunk = jobs[start:start + per_round]
+            chunk = jobs[start : start + per_round]
             t = time.perf_counter()
             seq = [ask(j) for j in chunk]
             seq_s = time.perf_counter() - t
@@ -133,11 +152,20 @@ def main() -> None:
             conc_s = time.perf_counter() - t
             sequential += seq
             concurrent += conc
-            rounds.append({"sequential_s": seq_s, "concurrent_s": conc_s,
-                           "sequential_tokens": sum(x[2] for x in seq), "concurrent_tokens": sum(x[2] for x in conc)})
+            rounds.append(
+                {
+                    "sequential_s": seq_s,
+                    "concurrent_s": conc_s,
+                    "sequential_tokens": sum(x[2] for x in seq),
+                    "concurrent_tokens": sum(x[2] for x in conc),
+                }
+            )
             r = rounds[-1]
-            print(f"round {len(rounds)}: {len(chunk)} requests, sequential {r['sequential_tokens'] / seq_s:.1f} tok/s, "
-                  f"{args.clients} clients {r['concurrent_tokens'] / conc_s:.1f} tok/s", file=sys.stderr)
+            print(
+                f"round {len(rounds)}: {len(chunk)} requests, sequential {r['sequential_tokens'] / seq_s:.1f} tok/s, "
+                f"{args.clients} clients {r['concurrent_tokens'] / conc_s:.1f} tok/s",
+                file=sys.stderr,
+            )
         metrics = httpx.get(url + "/metrics").text
     finally:
         proc.terminate()
@@ -147,8 +175,9 @@ def main() -> None:
     conc_tokens = sum(r["concurrent_tokens"] for r in rounds)
     seq_s = sum(r["sequential_s"] for r in rounds)
     conc_s = sum(r["concurrent_s"] for r in rounds)
-    ratios = sorted((r["concurrent_tokens"] / r["concurrent_s"]) / (r["sequential_tokens"] / r["sequential_s"])
-                    for r in rounds)
+    ratios = sorted(
+        (r["concurrent_tokens"] / r["concurrent_s"]) / (r["sequential_tokens"] / r["sequential_s"]) for r in rounds
+    )
     same = sum(a[1] == b[1] for a, b in zip(sequential, concurrent))
     batch_sum = batch_count = 0.0
     for line in metrics.splitlines():
@@ -157,15 +186,20 @@ def main() -> None:
         elif line.startswith("lorakit_batch_size_count"):
             batch_count = float(line.split()[-1])
     result = {
-        "base": args.base, "adapters": len(adapter_names), "requests": len(jobs), "clients": args.clients,
+        "base": args.base,
+        "adapters": len(adapter_names),
+        "requests": len(jobs),
+        "clients": args.clients,
         "max_tokens": args.max_tokens,
         "sequential_tokens_per_s": round(seq_tokens / seq_s, 1),
         "concurrent_tokens_per_s": round(conc_tokens / conc_s, 1),
         "ratio": round(statistics.median(ratios), 2),
         "ratio_overall": round((conc_tokens / conc_s) / (seq_tokens / seq_s), 2),
         "ratio_per_round": [round(x, 2) for x in ratios],
-        "sequential_s": round(seq_s, 1), "concurrent_s": round(conc_s, 1),
-        "tokens_sequential": seq_tokens, "tokens_concurrent": conc_tokens,
+        "sequential_s": round(seq_s, 1),
+        "concurrent_s": round(conc_s, 1),
+        "tokens_sequential": seq_tokens,
+        "tokens_concurrent": conc_tokens,
         "identical_greedy_answers": f"{same}/{len(jobs)}",
         "finished_by_length": sum(x[3] == "length" for x in concurrent),
         "mean_batch_size_over_run": round(batch_sum / batch_count, 2) if batch_count else None,

@@ -1,6 +1,7 @@
 """On the real default model: a briefly trained alpaca adapter stops at its template's turn
 markers, and `lorakit generate`, the OpenAI API and the UI give the same greedy answers, for the
 base alone (its own chat template) and for the adapter (its training template)."""
+
 import json
 import os
 import subprocess
@@ -18,8 +19,9 @@ WHO = "Who are you?"
 
 def lorakit(*args, cwd):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "lorakit.cli", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=900)
+    return subprocess.run(
+        [sys.executable, "-m", "lorakit.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=900
+    )
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +34,9 @@ def adapter(tmp_path_factory, shared_datasets, smollm2_path):
         f"base_model: {smollm2_path}\ndata_path: data.json\noutput_dir: out\nprompt_template_name: alpaca\n"
         "batch_size: 8\nmicro_batch_size: 4\nmax_steps: 12\nlearning_rate: 3e-4\nlr_scheduler_type: cosine\n"
         "warmup_steps: 10\ncutoff_len: 256\nlora_target_modules: [q_proj, k_proj, v_proj, o_proj]\n"
-        "logging_steps: 4\n", encoding="utf-8")
+        "logging_steps: 4\n",
+        encoding="utf-8",
+    )
     r = lorakit("train", "cfg.yaml", cwd=work)
     assert r.returncode == 0, r.stderr[-3000:]
     return work / "out"
@@ -57,8 +61,9 @@ def test_generate_api_and_ui_agree_on_the_real_model(adapter, smollm2_path):
         session = ModelSession()
         for name, folder in (("base", None), ("twelve", adapter)):
             gen = Generator(base=str(smollm2_path), adapter=str(folder) if folder else None)
-            speaker = Speaker(base=str(smollm2_path), adapter_key=None if folder is None else name,
-                              adapter_folder=folder)
+            speaker = Speaker(
+                base=str(smollm2_path), adapter_key=None if folder is None else name, adapter_folder=folder
+            )
             for question in (WHO, HEALTH):
                 cli = gen.generate(question, params=params)
                 ids = engine.chat_prompt_ids(name, [("user", question)])

@@ -1,6 +1,7 @@
 """The config rules seen from the UI form: its values become a TrainConfig through the same
 validation as `lorakit train`, so the page refuses what the command line refuses, and its
 defaults (a checkpoint every 50 steps) make a valid config with a validation set too."""
+
 from __future__ import annotations
 
 import json
@@ -35,10 +36,13 @@ def test_prepare_run_with_validation_writes_a_config_the_cli_accepts(tmp_path, d
     assert cfg.val_set_size == 2 and cfg.save_steps % cfg.eval_steps == 0
 
 
-@pytest.mark.parametrize("change, needles", [
-    ({"val_set_size": 2, "save_steps": 30, "eval_steps": 20}, ["save_steps (30)", "eval_steps (20)"]),
-    ({"batch_size": 10, "micro_batch_size": 4}, ["batch_size (10)", "micro_batch_size (4)"]),
-])
+@pytest.mark.parametrize(
+    "change, needles",
+    [
+        ({"val_set_size": 2, "save_steps": 30, "eval_steps": 20}, ["save_steps (30)", "eval_steps (20)"]),
+        ({"batch_size": 10, "micro_batch_size": 4}, ["batch_size (10)", "micro_batch_size (4)"]),
+    ],
+)
 def test_form_refuses_a_bad_combination_in_one_line(data_file, tmp_path, change, needles):
     if not set(change) <= set(form_defaults()):
         pytest.skip("the form has no such field")

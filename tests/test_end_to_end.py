@@ -1,5 +1,6 @@
 """End to end on the real default model (smollm2-135m): train a few steps on real Chinese
 Alpaca data, save (verified), generate, merge, and check merge == base + adapter."""
+
 import json
 import os
 import subprocess
@@ -13,8 +14,9 @@ pytestmark = pytest.mark.slow
 
 def lorakit(*args, cwd, env=None):
     run_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "lorakit.cli", *args], cwd=cwd, env=run_env,
-                          capture_output=True, text=True, timeout=900)
+    return subprocess.run(
+        [sys.executable, "-m", "lorakit.cli", *args], cwd=cwd, env=run_env, capture_output=True, text=True, timeout=900
+    )
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +28,9 @@ def trained(tmp_path_factory, shared_datasets, smollm2_path):
     (work / "cfg.yaml").write_text(
         f"base_model: {smollm2_path}\ndata_path: {subset}\noutput_dir: out\n"
         "batch_size: 4\nmicro_batch_size: 4\nmax_steps: 6\nlearning_rate: 1e-3\ncutoff_len: 128\n"
-        "val_set_size: 4\neval_steps: 3\nsave_steps: 3\nlogging_steps: 1\n", encoding="utf-8")
+        "val_set_size: 4\neval_steps: 3\nsave_steps: 3\nlogging_steps: 1\n",
+        encoding="utf-8",
+    )
     r = lorakit("train", "cfg.yaml", cwd=work)
     assert r.returncode == 0, r.stderr[-3000:]
     return work
@@ -58,6 +62,7 @@ def test_generate_merge_same_greedy_answer(trained):
 def test_merged_logits_match_base_plus_adapter(trained, smollm2_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
     if not (trained / "merged").is_dir():  # run on its own: merge here
         m = lorakit("merge", "--adapter", "out", "--out", "merged", cwd=trained)
         assert m.returncode == 0, m.stderr[-2000:]

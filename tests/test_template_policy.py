@@ -1,11 +1,12 @@
 """The one template policy and the template's stops, seen from every path that prompts a model:
 `lorakit generate` (Generator), the API (serve's Engine) and the UI (ModelSession)."""
+
 import json
 
 import pytest
 import yaml
-
 from random_adapter import make_random_adapter
+
 from lorakit.data.records import Turn
 from lorakit.data.templates import TEMPLATE_POLICY, load_template, resolve_template
 from lorakit.infer.generate import GenerationParams, Generator
@@ -20,6 +21,7 @@ SYSTEM = "You are terse."
 
 
 # ---- the policy ---------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def folders(tiny_model_dir, tmp_path_factory):
@@ -42,7 +44,9 @@ def test_policy_rules(folders, tiny_model_dir, tiny_tokenizer):
     # 1. an explicit name wins over everything
     assert resolve_template(name="alpaca_legacy", adapter=folders["recorded"], tokenizer=tok).name == "alpaca_legacy"
     # 2. an adapter uses what it was trained with; a checkpoint its run's; plain peft -> alpaca
-    assert resolve_template(adapter=folders["recorded"], model_path=tiny_model_dir, tokenizer=tok).name == "alpaca_short"
+    assert (
+        resolve_template(adapter=folders["recorded"], model_path=tiny_model_dir, tokenizer=tok).name == "alpaca_short"
+    )
     assert resolve_template(adapter=folders["checkpoint"], tokenizer=tok).name == "alpaca_legacy"
     assert resolve_template(adapter=folders["plain"], model_path=tiny_model_dir, tokenizer=tok).name == "alpaca"
     #    a merged folder keeps its adapter's template
@@ -67,6 +71,7 @@ def test_config_help_states_the_policy():
 
 
 # ---- one prompt, one answer, whichever path -----------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def engine(tiny_model_dir, folders):
@@ -109,16 +114,18 @@ def test_compare_prompts_the_base_with_the_adapters_template(folders, tiny_model
     base_only = Generator(base=str(tiny_model_dir), template="alpaca_short")
     # --compare: the base answers the adapter's prompt (alpaca_short), not its own chat template
     assert gen.generate("Who are you?", params=GREEDY, use_adapter=False) == base_only.generate(
-        "Who are you?", params=GREEDY)
+        "Who are you?", params=GREEDY
+    )
 
 
 # ---- stops ----------------------------------------------------------------------------------------
+
 
 def test_stop_filter_never_hands_out_part_of_a_marker():
     text = "Stay active.\n\n### Instruction:\nMore"
     for size in range(1, 8):
         f = StopFilter(["### Instruction:", "### Response:"])
-        out = "".join(f.feed(text[i:i + size]) for i in range(0, len(text), size))
+        out = "".join(f.feed(text[i : i + size]) for i in range(0, len(text), size))
         assert out == "Stay active.\n\n" and f.stopped
     f = StopFilter(["### Response:"])
     assert f.feed("a ##") == "a " and f.feed("", end=True) == "##"  # not a marker after all: handed out at the end
@@ -131,11 +138,26 @@ def test_templates_declare_their_turn_markers(tiny_tokenizer, tmp_path):
     chat = load_template("chat", tiny_tokenizer).stops(tiny_tokenizer)
     assert chat.strings == ("<|im_end|>",) and chat.token_ids == (tiny_tokenizer.convert_tokens_to_ids("<|im_end|>"),)
     own = tmp_path / "qa.json"
-    own.write_text(json.dumps({"prompt_input": "Q: {instruction}\n{input}\nA: ", "prompt_no_input": "Q: {instruction}\nA: ",
-                               "response_split": "A:"}))
+    own.write_text(
+        json.dumps(
+            {
+                "prompt_input": "Q: {instruction}\n{input}\nA: ",
+                "prompt_no_input": "Q: {instruction}\nA: ",
+                "response_split": "A:",
+            }
+        )
+    )
     assert load_template(str(own)).stops().strings == ("Q:", "A:")
-    own.write_text(json.dumps({"prompt_input": "Q: {instruction}\n{input}\nA: ", "prompt_no_input": "Q: {instruction}\nA: ",
-                               "response_split": "A:", "stop": ["<END>"]}))
+    own.write_text(
+        json.dumps(
+            {
+                "prompt_input": "Q: {instruction}\n{input}\nA: ",
+                "prompt_no_input": "Q: {instruction}\nA: ",
+                "response_split": "A:",
+                "stop": ["<END>"],
+            }
+        )
+    )
     assert load_template(str(own)).stops().strings == ("<END>",)
 
 
@@ -143,7 +165,7 @@ def test_every_path_stops_at_the_templates_marker(tiny_model_dir, tmp_path):
     """A marker taken from the middle of the model's own unstopped answer: generate, the API and
     the UI (streamed too) all end the answer right before it, and no stream shows part of it."""
     question = "Who are you?"
-    base_tpl = json.loads((load_template("alpaca_short").to_json()))
+    base_tpl = json.loads(load_template("alpaca_short").to_json())
     free = tmp_path / "free.json"
     free.write_text(json.dumps({**base_tpl, "stop": []}))  # no markers: the model runs to max tokens
     params = GenerationParams(max_new_tokens=40)
@@ -151,7 +173,7 @@ def test_every_path_stops_at_the_templates_marker(tiny_model_dir, tmp_path):
     words = unstopped.split()
     assert len(words) >= 6, unstopped
     marker = next(w for w in words[3:] if len(w) >= 2 and unstopped.find(w) >= len(" ".join(words[:3])))
-    expected = unstopped[:unstopped.find(marker)].strip()
+    expected = unstopped[: unstopped.find(marker)].strip()
     assert expected and len(expected) < len(unstopped) - len(marker)
     folder = tmp_path / "adapter"
     make_random_adapter(tiny_model_dir, folder, std=0.0)  # B = 0: answers exactly as the base
@@ -167,8 +189,16 @@ def test_every_path_stops_at_the_templates_marker(tiny_model_dir, tmp_path):
         e.load_adapter("marked", folder)
         deltas = []
         from lorakit.serve.engine import Request
-        r = e.submit(Request(prompt_ids=e.chat_prompt_ids("marked", [("user", question)]), model="marked",
-                             adapter=None, max_tokens=40, on_event=lambda kind, x: deltas.append(x) if kind == "delta" else None))
+
+        r = e.submit(
+            Request(
+                prompt_ids=e.chat_prompt_ids("marked", [("user", question)]),
+                model="marked",
+                adapter=None,
+                max_tokens=40,
+                on_event=lambda kind, x: deltas.append(x) if kind == "delta" else None,
+            )
+        )
         r.done.wait(60)
         assert r.text.strip() == expected and r.finish_reason == "stop"
         assert marker not in "".join(deltas) and "".join(deltas).strip() == expected
@@ -180,7 +210,7 @@ def test_every_path_stops_at_the_templates_marker(tiny_model_dir, tmp_path):
     assert session.answer(speaker, question, params=params) == expected
     pieces = list(session.stream(speaker, question, params=params))
     assert pieces[-1].strip() == expected
-    assert not any(marker[:2] in p[len(expected):] for p in pieces)
+    assert not any(marker[:2] in p[len(expected) :] for p in pieces)
 
 
 def test_the_docs_state_the_rule_the_code_follows():

@@ -1,18 +1,22 @@
 """The `lorakit` command. Each command is a thin shell over the library; user mistakes
 (LorakitError) are printed as one line with a non-zero exit, never a traceback."""
+
 from __future__ import annotations
 
 import os
 import sys
 from pathlib import Path
-from typing import List, Optional
 
 import typer
 
 from .errors import LorakitError
 
-app = typer.Typer(help="Fine-tune LLMs with LoRA: train, generate, compare, merge.",
-                  no_args_is_help=True, add_completion=False, pretty_exceptions_show_locals=False)
+app = typer.Typer(
+    help="Fine-tune LLMs with LoRA: train, generate, compare, merge.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+)
 data_app = typer.Typer(help="Inspect training data.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 adapter_app = typer.Typer(help="Work with adapter folders (quantize for deployment).", no_args_is_help=True)
@@ -22,15 +26,18 @@ app.add_typer(adapter_app, name="adapter")
 def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import transformers
+
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()  # weight-loading bars; the Trainer's bar stays
     import warnings
+
     warnings.filterwarnings("ignore", category=UserWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
 
 
 def _register_models_app() -> None:
     from .models.commands import app as models_app
+
     app.add_typer(models_app, name="models")
 
 
@@ -40,7 +47,7 @@ _register_models_app()
 @app.command()
 def train(
     config: Path = typer.Argument(..., help="YAML config file (Alpaca-LoRA keys; see --help-config)."),
-    overrides: Optional[List[str]] = typer.Argument(None, help="key=value overrides, e.g. max_steps=30"),
+    overrides: list[str] | None = typer.Argument(None, help="key=value overrides, e.g. max_steps=30"),
 ):
     """Train a LoRA adapter: lorakit train CONFIG.yaml [key=value ...]"""
     from .config import load_config
@@ -48,6 +55,7 @@ def train(
     cfg = load_config(config, overrides or [])  # config errors come before the heavy imports
     _quiet_libraries()
     from .train.recipe import train as run_training
+
     run_training(cfg)
 
 
@@ -56,35 +64,48 @@ def config_help_cmd():
     """List every config key with its default and meaning."""
     from .config import config_help
     from .data.templates import TEMPLATE_POLICY
+
     typer.echo(config_help())
     typer.echo("\n" + TEMPLATE_POLICY)
 
 
 def _params(max_new_tokens, temperature, top_p, top_k, num_beams, repetition_penalty, seed):
     from .infer.generate import GenerationParams
+
     if temperature < 0 or not (0 < top_p <= 1) or top_k < 0 or num_beams < 1 or max_new_tokens < 1:
-        raise LorakitError("generation: need temperature >= 0, 0 < top-p <= 1, top-k >= 0, "
-                           "num-beams >= 1, max-new-tokens >= 1")
-    return GenerationParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                            top_k=top_k, num_beams=num_beams, repetition_penalty=repetition_penalty, seed=seed)
+        raise LorakitError(
+            "generation: need temperature >= 0, 0 < top-p <= 1, top-k >= 0, num-beams >= 1, max-new-tokens >= 1"
+        )
+    return GenerationParams(
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        num_beams=num_beams,
+        repetition_penalty=repetition_penalty,
+        seed=seed,
+    )
 
 
 @app.command()
 def generate(
     instruction: str = typer.Argument(..., help="The instruction (question) to answer."),
-    base: Optional[str] = typer.Option(None, help="Base model (default: the adapter's base, else smollm2-135m)."),
-    adapter: Optional[Path] = typer.Option(None, help="LoRA adapter folder (lorakit or plain peft)."),
+    base: str | None = typer.Option(None, help="Base model (default: the adapter's base, else smollm2-135m)."),
+    adapter: Path | None = typer.Option(None, help="LoRA adapter folder (lorakit or plain peft)."),
     input: str = typer.Option("", "--input", help="Optional input/context for the instruction."),
     system: str = typer.Option("", help="Optional system prompt."),
-    template: Optional[str] = typer.Option(None, help="Prompt template (default: the template policy, see "
-                                           "`lorakit config-help`: the adapter's, else the base's chat template)."),
+    template: str | None = typer.Option(
+        None,
+        help="Prompt template (default: the template policy, see "
+        "`lorakit config-help`: the adapter's, else the base's chat template).",
+    ),
     max_new_tokens: int = typer.Option(256, help="Most tokens to generate."),
     temperature: float = typer.Option(0.0, help="0 = greedy."),
     top_p: float = typer.Option(1.0),
     top_k: int = typer.Option(50),
     num_beams: int = typer.Option(1),
     repetition_penalty: float = typer.Option(1.0),
-    seed: Optional[int] = typer.Option(None, help="Seed for sampling."),
+    seed: int | None = typer.Option(None, help="Seed for sampling."),
     compare: bool = typer.Option(False, help="Print the base model's answer beside the adapter's."),
 ):
     """Answer one instruction; prints only the response."""
@@ -98,6 +119,7 @@ def generate(
     if compare:
         from rich.console import Console
         from rich.table import Table
+
         base_answer = gen.generate(instruction, input=input, system=system, params=params, use_adapter=False)
         tuned = gen.generate(instruction, input=input, system=system, params=params, use_adapter=True)
         table = Table(show_lines=True)
@@ -114,15 +136,16 @@ def generate(
 
 @app.command()
 def chat(
-    base: Optional[str] = typer.Option(None, help="Base model (default: the adapter's base, else smollm2-135m)."),
-    adapter: Optional[Path] = typer.Option(None, help="LoRA adapter folder."),
+    base: str | None = typer.Option(None, help="Base model (default: the adapter's base, else smollm2-135m)."),
+    adapter: Path | None = typer.Option(None, help="LoRA adapter folder."),
     system: str = typer.Option("", help="System prompt (a character)."),
-    template: Optional[str] = typer.Option(None, help="Prompt template (default: the template policy: the "
-                                           "adapter's, else the base's chat template)."),
+    template: str | None = typer.Option(
+        None, help="Prompt template (default: the template policy: the adapter's, else the base's chat template)."
+    ),
     max_new_tokens: int = typer.Option(256),
     temperature: float = typer.Option(0.0),
     top_p: float = typer.Option(1.0),
-    seed: Optional[int] = typer.Option(None),
+    seed: int | None = typer.Option(None),
 ):
     """Interactive multi-turn chat. /reset clears the history, /exit (or Ctrl-D) quits."""
     from .data.records import Turn
@@ -131,8 +154,11 @@ def chat(
     params = _params(max_new_tokens, temperature, top_p, 50, 1, 1.0, seed)
     _quiet_libraries()
     gen = Generator(base=base, adapter=str(adapter) if adapter else None, template=template)
-    typer.echo(f"chatting with {gen.base}" + (f" + {adapter}" if adapter else "") +
-               f" (template {gen.template.name}); /reset, /exit")
+    typer.echo(
+        f"chatting with {gen.base}"
+        + (f" + {adapter}" if adapter else "")
+        + f" (template {gen.template.name}); /reset, /exit"
+    )
     history: list[Turn] = []
     streamer = gen.streamer() if sys.stdout.isatty() else None
     while True:
@@ -161,12 +187,13 @@ def chat(
 def merge(
     adapter: Path = typer.Option(..., help="LoRA adapter folder."),
     out: Path = typer.Option(..., help="Folder for the merged model (written atomically)."),
-    base: Optional[str] = typer.Option(None, help="Base model (default: the adapter's base)."),
+    base: str | None = typer.Option(None, help="Base model (default: the adapter's base)."),
     dtype: str = typer.Option("fp32", help="fp32, bf16 or fp16."),
     force: bool = typer.Option(False, help="Replace --out if it exists."),
 ):
     """Merge the adapter into the base: a standalone model folder."""
     from .infer.merge import merge_adapter
+
     _quiet_libraries()
     path = merge_adapter(adapter, out, base=base, dtype=dtype, force=force)
     typer.echo(str(path))
@@ -178,7 +205,9 @@ def data_check(
     base: str = typer.Option("smollm2-135m", help="Model whose tokenizer counts the tokens."),
     template: str = typer.Option("alpaca", help="Prompt template."),
     cutoff_len: int = typer.Option(256, help="cutoff_len to check against."),
-    data_format: Optional[str] = typer.Option(None, "--format", help="Force a format (alpaca, dolly, messages, sharegpt, text)."),
+    data_format: str | None = typer.Option(
+        None, "--format", help="Force a format (alpaca, dolly, messages, sharegpt, text)."
+    ),
 ):
     """Count records, detect the format, show token lengths and how many exceed cutoff_len."""
     from .data.check import check_data
@@ -198,26 +227,42 @@ def data_check(
 
 @app.command("eval")
 def eval_cmd(
-    data: List[Path] = typer.Option(..., "--data", help="Eval set(s): any training data format, or question/answer (GSM8K)."),
+    data: list[Path] = typer.Option(
+        ..., "--data", help="Eval set(s): any training data format, or question/answer (GSM8K)."
+    ),
     out: Path = typer.Option(..., help="Folder for report.json, report.md, report.html and plots."),
-    base: Optional[str] = typer.Option(None, help="Base model (default: the first adapter's base, else smollm2-135m)."),
-    adapter: Optional[List[Path]] = typer.Option(None, "--adapter", help="Adapter folder(s) to compare with the base."),
-    metrics: Optional[str] = typer.Option(None, help="Comma list of exact_match, f1, bleu, rouge_l, contains (default all)."),
-    limit: Optional[int] = typer.Option(None, help="Evaluate only the first N examples of each set."),
-    template: Optional[str] = typer.Option(None, help="Prompt template for every model (default: the first adapter's)."),
+    base: str | None = typer.Option(None, help="Base model (default: the first adapter's base, else smollm2-135m)."),
+    adapter: list[Path] | None = typer.Option(None, "--adapter", help="Adapter folder(s) to compare with the base."),
+    metrics: str | None = typer.Option(
+        None, help="Comma list of exact_match, f1, bleu, rouge_l, contains (default all)."
+    ),
+    limit: int | None = typer.Option(None, help="Evaluate only the first N examples of each set."),
+    template: str | None = typer.Option(None, help="Prompt template for every model (default: the first adapter's)."),
     max_new_tokens: int = typer.Option(256),
     batch_size: int = typer.Option(8, help="Generation batch size."),
 ):
     """Measure the base model and each adapter on eval sets: task metrics, loss, latency, memory."""
     from .eval.runner import evaluate
+
     _quiet_libraries()
-    result = evaluate(base, [str(a) for a in adapter or []], [str(d) for d in data], out,
-                      metrics=[m.strip() for m in metrics.split(",")] if metrics else None, limit=limit,
-                      template=template, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    result = evaluate(
+        base,
+        [str(a) for a in adapter or []],
+        [str(d) for d in data],
+        out,
+        metrics=[m.strip() for m in metrics.split(",")] if metrics else None,
+        limit=limit,
+        template=template,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+    )
     for model, per_set in result["scores"].items():
         for set_name, row in per_set.items():
-            shown = ", ".join(f"{k} {v:.2f}" for k, v in row.items()
-                              if k in ("exact_match", "f1", "bleu", "rouge_l", "contains", "loss") and v is not None)
+            shown = ", ".join(
+                f"{k} {v:.2f}"
+                for k, v in row.items()
+                if k in ("exact_match", "f1", "bleu", "rouge_l", "contains", "loss") and v is not None
+            )
             typer.echo(f"{model} on {set_name}: {shown}")
     typer.echo(str(Path(out) / "report.html"))
 
@@ -231,46 +276,69 @@ def demo(
     """The main job: fine-tune the default model on the bundled persona data and show, on
     held-out questions, what the adapter learned."""
     from .demo import run_demo
+
     _quiet_libraries()
     r = run_demo(out, steps=steps, base_model=base)
-    typer.echo(f"held-out score (questions worded unlike any training example, n={r['heldout']}): "
-               f"base model {r['base_correct']}/{r['heldout']} ({100 * r['base_score']:.0f}%) -> "
-               f"with adapter {r['adapter_correct']}/{r['heldout']} ({100 * r['adapter_score']:.0f}%)")
-    typer.echo(f"{r['steps']} steps, final train loss {r['train_loss']:.3f}, total {r['wall_s']}s; "
-               f"adapter in {r['adapter']}; evaluation report {r['report']}")
+    typer.echo(
+        f"held-out score (questions worded unlike any training example, n={r['heldout']}): "
+        f"base model {r['base_correct']}/{r['heldout']} ({100 * r['base_score']:.0f}%) -> "
+        f"with adapter {r['adapter_correct']}/{r['heldout']} ({100 * r['adapter_score']:.0f}%)"
+    )
+    typer.echo(
+        f"{r['steps']} steps, final train loss {r['train_loss']:.3f}, total {r['wall_s']}s; "
+        f"adapter in {r['adapter']}; evaluation report {r['report']}"
+    )
 
 
 @app.command()
 def serve(
     base: str = typer.Option("smollm2-135m", help="Base model: an alias, a local folder or a hub id."),
-    adapter: Optional[List[str]] = typer.Option(None, help="NAME=DIR: an adapter to load at start (repeatable)."),
-    adapters_dir: Optional[Path] = typer.Option(None, help="Folder that POST /v1/adapters may load adapters "
-                                                "from (run-time loading is off without it)."),
+    adapter: list[str] | None = typer.Option(None, help="NAME=DIR: an adapter to load at start (repeatable)."),
+    adapters_dir: Path | None = typer.Option(
+        None, help="Folder that POST /v1/adapters may load adapters from (run-time loading is off without it)."
+    ),
     host: str = typer.Option("127.0.0.1", help="Address to bind (127.0.0.1 = this machine only)."),
     port: int = typer.Option(8000),
-    api_key: Optional[str] = typer.Option(None, help="Require 'Authorization: Bearer KEY' (or set "
-                                          "LORAKIT_API_KEY)."),
+    api_key: str | None = typer.Option(None, help="Require 'Authorization: Bearer KEY' (or set LORAKIT_API_KEY)."),
     max_batch_size: int = typer.Option(8, help="Most requests generated together in one batch."),
     max_queue: int = typer.Option(64, help="Most requests queued or running; more get 503."),
     batch_wait_ms: float = typer.Option(10.0, help="How long the batcher waits for more requests."),
-    max_prompt_tokens: Optional[int] = typer.Option(None, help="Longest prompt (default: the model's context)."),
+    max_prompt_tokens: int | None = typer.Option(None, help="Longest prompt (default: the model's context)."),
     max_tokens_limit: int = typer.Option(1024, help="Largest max_tokens a request may ask for."),
     max_body_bytes: int = typer.Option(1 << 20, help="Largest request body."),
-    template: Optional[str] = typer.Option(None, help="Prompt template for the base model (default: the "
-                                           "template policy: its own chat template; adapters use theirs)."),
+    template: str | None = typer.Option(
+        None,
+        help="Prompt template for the base model (default: the "
+        "template policy: its own chat template; adapters use theirs).",
+    ),
     dtype: str = typer.Option("auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16."),
     trust_remote_code: bool = typer.Option(False, help="Run the model repository's own code (off by default)."),
 ):
     """Serve the base model and LoRA adapters over an OpenAI-compatible API (FastAPI + uvicorn)."""
     import importlib.util
+
     if not all(importlib.util.find_spec(m) for m in ("fastapi", "uvicorn", "prometheus_client")):
         raise LorakitError("lorakit serve needs FastAPI, uvicorn and prometheus-client: pip install 'lorakit[serve]'")
     _quiet_libraries()
     from .serve.server import serve as run_server
-    run_server(base, adapter or [], host=host, port=port, api_key=api_key, adapters_dir=adapters_dir and str(adapters_dir),
-               max_batch_size=max_batch_size, max_queue=max_queue, batch_wait_ms=batch_wait_ms,
-               max_prompt_tokens=max_prompt_tokens, max_tokens_limit=max_tokens_limit,
-               max_body_bytes=max_body_bytes, template=template, dtype=dtype, trust_remote_code=trust_remote_code)
+
+    run_server(
+        base,
+        adapter or [],
+        host=host,
+        port=port,
+        api_key=api_key,
+        adapters_dir=adapters_dir and str(adapters_dir),
+        max_batch_size=max_batch_size,
+        max_queue=max_queue,
+        batch_wait_ms=batch_wait_ms,
+        max_prompt_tokens=max_prompt_tokens,
+        max_tokens_limit=max_tokens_limit,
+        max_body_bytes=max_body_bytes,
+        template=template,
+        dtype=dtype,
+        trust_remote_code=trust_remote_code,
+    )
 
 
 @adapter_app.command("quantize")
@@ -283,10 +351,13 @@ def adapter_quantize(
 
     generate, chat, eval and serve load the int8 folder like any adapter folder."""
     from .infer.quantize import quantize_adapter
+
     r = quantize_adapter(adapter, out, force=force)
-    typer.echo(f"int8 adapter in {r['out']}: {r['size_before_bytes'] / 2**20:.2f} MiB -> "
-               f"{r['size_after_bytes'] / 2**20:.2f} MiB ({r['ratio']:.2f}x smaller), "
-               f"{r['quantized_tensors']} LoRA matrices, max abs weight error {r['max_abs_weight_error']:.3g}")
+    typer.echo(
+        f"int8 adapter in {r['out']}: {r['size_before_bytes'] / 2**20:.2f} MiB -> "
+        f"{r['size_after_bytes'] / 2**20:.2f} MiB ({r['ratio']:.2f}x smaller), "
+        f"{r['quantized_tensors']} LoRA matrices, max abs weight error {r['max_abs_weight_error']:.3g}"
+    )
 
 
 @app.command()
@@ -297,10 +368,12 @@ def ui(
 ):
     """A web page (Gradio) to train, chat, compare, evaluate and export: http://HOST:PORT"""
     import importlib.util
+
     if importlib.util.find_spec("gradio") is None:
         raise LorakitError("lorakit ui needs Gradio: pip install 'lorakit[ui]'")
     _quiet_libraries()
     from .ui.app import launch
+
     launch(workdir, host=host, port=port)
 
 

@@ -4,11 +4,12 @@ Keys are Alpaca-LoRA's (``finetune.py``) plus what a modern trainer needs. Every
 itself: ``lorakit train --help-config`` prints them. A config is a YAML file plus ``key=value``
 overrides; unknown keys and invalid values fail in one line before any model is loaded.
 """
+
 from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -35,109 +36,178 @@ class TrainConfig(BaseModel):
     base_model: str = Field(
         "smollm2-135m",
         description="Base model: a local Hugging Face model folder, a .gguf file, a built-in "
-        "alias (smollm2-135m) or a hub id org/name (needs network).")
+        "alias (smollm2-135m) or a hub id org/name (needs network).",
+    )
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        "auto", description="Training precision. auto = bf16 autocast where the CPU/GPU supports "
-        "it, else fp32. fp16 needs CUDA.")
-    load_in_8bit: bool = Field(False, description="Load the frozen base in 8-bit (bitsandbytes, CUDA only; "
-                               "not with load_in_4bit).")
-    load_in_4bit: bool = Field(False, description="QLoRA: load the frozen base in 4-bit NF4 (bitsandbytes, CUDA "
-                               "only; not with load_in_8bit).")
+        "auto",
+        description="Training precision. auto = bf16 autocast where the CPU/GPU supports "
+        "it, else fp32. fp16 needs CUDA.",
+    )
+    load_in_8bit: bool = Field(
+        False, description="Load the frozen base in 8-bit (bitsandbytes, CUDA only; not with load_in_4bit)."
+    )
+    load_in_4bit: bool = Field(
+        False, description="QLoRA: load the frozen base in 4-bit NF4 (bitsandbytes, CUDA only; not with load_in_8bit)."
+    )
     trust_remote_code: bool = Field(False, description="Allow model code from the hub to run. Off: safe by default.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
 
     # --- data ------------------------------------------------------------------------------
-    data_path: str = Field("", description="Training data: .json, .jsonl, .csv or .parquet "
-                           "(Alpaca, Dolly, messages, ShareGPT or text records). Required to train.")
+    data_path: str = Field(
+        "",
+        description="Training data: .json, .jsonl, .csv or .parquet "
+        "(Alpaca, Dolly, messages, ShareGPT or text records). Required to train.",
+    )
     data_format: Literal["auto", "alpaca", "dolly", "messages", "sharegpt", "qa", "text"] = Field(
-        "auto", description="Record shape; auto detects it from the first record.")
+        "auto", description="Record shape; auto detects it from the first record."
+    )
     prompt_template_name: str = Field(
-        "alpaca", description="Prompt template: alpaca, alpaca_short, alpaca_legacy, chat (the "
-        "tokenizer's own chat template) or a path to an Alpaca-LoRA template JSON file.")
-    cutoff_len: int = Field(256, gt=0, description="Max tokens per example; longer ones are "
-                            "truncated (their EOS is lost, so keep cutoff above most examples).")
+        "alpaca",
+        description="Prompt template: alpaca, alpaca_short, alpaca_legacy, chat (the "
+        "tokenizer's own chat template) or a path to an Alpaca-LoRA template JSON file.",
+    )
+    cutoff_len: int = Field(
+        256,
+        gt=0,
+        description="Max tokens per example; longer ones are "
+        "truncated (their EOS is lost, so keep cutoff above most examples).",
+    )
     val_set_size: float = Field(
-        0, ge=0, description="Held-out examples for eval loss: a count (>= 1) or a fraction (< 1). 0 = none.")
-    train_on_inputs: bool = Field(False, description="Train on prompt tokens too. False = only "
-                                  "the response tokens count in the loss.")
-    add_eos_token: bool = Field(True, description="Append EOS after each trained response so the "
-                                "model learns to stop.")
+        0, ge=0, description="Held-out examples for eval loss: a count (>= 1) or a fraction (< 1). 0 = none."
+    )
+    train_on_inputs: bool = Field(
+        False, description="Train on prompt tokens too. False = only the response tokens count in the loss."
+    )
+    add_eos_token: bool = Field(
+        True, description="Append EOS after each trained response so the model learns to stop."
+    )
     group_by_length: bool = Field(False, description="Batch examples of similar length together (less padding).")
 
     # --- LoRA ------------------------------------------------------------------------------
     lora_r: int = Field(8, gt=0, description="LoRA rank.")
     lora_alpha: float = Field(16, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
     lora_dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
-    lora_target_modules: Union[list[str], str] = Field(
+    lora_target_modules: list[str] | str = Field(
         default_factory=lambda: ["q_proj", "v_proj"],
         description="Modules to adapt: a list of names, a regular expression matched against full module "
-        "names (e.g. '.*layers\\.(0|1)\\..*_proj'), or 'all-linear' for every linear layer but the output head.")
+        "names (e.g. '.*layers\\.(0|1)\\..*_proj'), or 'all-linear' for every linear layer but the output head.",
+    )
 
     lora_bias: Literal["none", "lora_only", "all"] = Field(
-        "none", description="Which biases to train: none, lora_only (of adapted layers) or all.")
+        "none", description="Which biases to train: none, lora_only (of adapted layers) or all."
+    )
     use_rslora: bool = Field(False, description="Rank-stabilised LoRA: scale = alpha / sqrt(r).")
     use_dora: bool = Field(False, description="DoRA: weight-decomposed LoRA (magnitude + direction).")
     rank_pattern: dict[str, int] = Field(
-        default_factory=dict, description="Per-layer ranks, {regex or name: r}, e.g. {'layers\\.0\\..*': 16} (layered LoRA).")
+        default_factory=dict,
+        description="Per-layer ranks, {regex or name: r}, e.g. {'layers\\.0\\..*': 16} (layered LoRA).",
+    )
     alpha_pattern: dict[str, float] = Field(
-        default_factory=dict, description="Per-layer alphas, {regex or name: alpha}.")
+        default_factory=dict, description="Per-layer alphas, {regex or name: alpha}."
+    )
     modules_to_save: list[str] = Field(
-        default_factory=list, description="Modules trained fully and saved with the adapter (e.g. lm_head, embed_tokens).")
+        default_factory=list,
+        description="Modules trained fully and saved with the adapter (e.g. lm_head, embed_tokens).",
+    )
 
     # --- optimisation ----------------------------------------------------------------------
     output_dir: str = Field("./lora-out", description="Where the adapter, logs and checkpoints go.")
-    overwrite_output_dir: bool = Field(False, description="Allow training into an output_dir that already holds a trained adapter.")
-    batch_size: int = Field(128, gt=0, description="Global batch size per optimizer step; a multiple of "
-                            "micro_batch_size (x world size when launched on several processes).")
-    micro_batch_size: int = Field(4, gt=0, description="Examples per forward pass per process; "
-                                  "gradient accumulation = batch_size / micro_batch_size / world size.")
+    overwrite_output_dir: bool = Field(
+        False, description="Allow training into an output_dir that already holds a trained adapter."
+    )
+    batch_size: int = Field(
+        128,
+        gt=0,
+        description="Global batch size per optimizer step; a multiple of "
+        "micro_batch_size (x world size when launched on several processes).",
+    )
+    micro_batch_size: int = Field(
+        4,
+        gt=0,
+        description="Examples per forward pass per process; "
+        "gradient accumulation = batch_size / micro_batch_size / world size.",
+    )
     num_epochs: float = Field(3, gt=0, description="Passes over the training data (ignored when max_steps > 0).")
     max_steps: int = Field(-1, description="Stop after this many optimizer steps (-1 = use num_epochs).")
     learning_rate: float = Field(3e-4, gt=0, description="Peak learning rate.")
-    lr_scheduler_type: Literal[SCHEDULERS] = Field("linear", description="Learning-rate schedule: " + ", ".join(SCHEDULERS) + ".")  # type: ignore[valid-type]
+    lr_scheduler_type: Literal[SCHEDULERS] = Field(
+        "linear", description="Learning-rate schedule: " + ", ".join(SCHEDULERS) + "."
+    )  # type: ignore[valid-type]
     warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps (overrides warmup_ratio when > 0).")
     warmup_ratio: float = Field(0.0, ge=0, le=1, description="Warm-up as a share of all steps.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     seed: int = Field(42, description="Random seed for data order, LoRA init and dropout.")
 
-    packing: bool = Field(False, description="Padding-free batches: examples packed end to end, "
-                          "attention kept within each example. Saves the compute spent on padding.")
+    packing: bool = Field(
+        False,
+        description="Padding-free batches: examples packed end to end, "
+        "attention kept within each example. Saves the compute spent on padding.",
+    )
 
     # --- stopping and guards ---------------------------------------------------------------
     early_stopping_patience: int = Field(
-        0, ge=0, description="Stop after this many evaluations without eval-loss improvement (0 = off; needs val_set_size > 0).")
+        0,
+        ge=0,
+        description="Stop after this many evaluations without eval-loss improvement "
+        "(0 = off; needs val_set_size > 0).",
+    )
     early_stopping_threshold: float = Field(
-        0.0, ge=0, description="Minimum eval-loss improvement that counts (min delta).")
+        0.0, ge=0, description="Minimum eval-loss improvement that counts (min delta)."
+    )
     load_best_model_at_end: bool = Field(
-        True, description="With validation, end with the adapter of the best eval loss (not the last step); "
-        "save_steps must then be a multiple of eval_steps, so the best evaluation has a checkpoint.")
-    stop_at_loss: float = Field(0.0, ge=0, description="Stop when the logged train loss falls to this value (0 = off).")
+        True,
+        description="With validation, end with the adapter of the best eval loss (not the last step); "
+        "save_steps must then be a multiple of eval_steps, so the best evaluation has a checkpoint.",
+    )
+    stop_at_loss: float = Field(
+        0.0, ge=0, description="Stop when the logged train loss falls to this value (0 = off)."
+    )
     zero_loss_warn_steps: int = Field(
-        3, ge=1, description="Warn when the train loss is exactly 0 for this many logs in a row (usually a label-masking mistake).")
+        3,
+        ge=1,
+        description="Warn when the train loss is exactly 0 for this many logs in a row "
+        "(usually a label-masking mistake).",
+    )
 
     # --- evaluation after training ---------------------------------------------------------
-    eval_data_path: Union[list[str], str] = Field(
-        default_factory=list, description="Eval set(s) to run `lorakit eval` on after training (base vs "
-        "the new adapter); the report goes to output_dir/eval.")
+    eval_data_path: list[str] | str = Field(
+        default_factory=list,
+        description="Eval set(s) to run `lorakit eval` on after training (base vs "
+        "the new adapter); the report goes to output_dir/eval.",
+    )
     eval_limit: int = Field(0, ge=0, description="Evaluate only the first N examples of each eval set (0 = all).")
     eval_max_new_tokens: int = Field(256, gt=0, description="Most tokens generated per eval answer.")
 
     # --- logging / saving ------------------------------------------------------------------
     logging_steps: int = Field(10, gt=0, description="Log train loss every N steps.")
-    eval_steps: int = Field(200, gt=0, description="Evaluate on the validation set every N steps. Set only "
-                            "save_steps and evaluation follows it (eval_steps = save_steps).")
-    save_steps: int = Field(200, gt=0, description="Write a checkpoint every N steps. Set only eval_steps and "
-                            "checkpoints follow it (save_steps = eval_steps); set both and, with val_set_size "
-                            "and load_best_model_at_end, save_steps must be a multiple of eval_steps.")
+    eval_steps: int = Field(
+        200,
+        gt=0,
+        description="Evaluate on the validation set every N steps. Set only "
+        "save_steps and evaluation follows it (eval_steps = save_steps).",
+    )
+    save_steps: int = Field(
+        200,
+        gt=0,
+        description="Write a checkpoint every N steps. Set only eval_steps and "
+        "checkpoints follow it (save_steps = eval_steps); set both and, with val_set_size "
+        "and load_best_model_at_end, save_steps must be a multiple of eval_steps.",
+    )
     save_total_limit: int = Field(3, gt=0, description="Keep at most this many checkpoints.")
-    resume_from_checkpoint: Union[bool, str, None] = Field(
-        None, description="true = resume from the last checkpoint in output_dir; a path = that checkpoint.")
+    resume_from_checkpoint: bool | str | None = Field(
+        None, description="true = resume from the last checkpoint in output_dir; a path = that checkpoint."
+    )
 
     report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
-        default_factory=lambda: ["tensorboard"], description="Where metrics go besides train_log.jsonl: "
-        "tensorboard (in output_dir/runs), wandb, mlflow (each must be installed).")
+        default_factory=lambda: ["tensorboard"],
+        description="Where metrics go besides train_log.jsonl: "
+        "tensorboard (in output_dir/runs), wandb, mlflow (each must be installed).",
+    )
     lora_norms_steps: int = Field(
-        0, ge=0, description="Log per-layer LoRA A, B and B·A norms to TensorBoard every N steps (0 = every logging_steps).")
+        0,
+        ge=0,
+        description="Log per-layer LoRA A, B and B·A norms to TensorBoard every N steps (0 = every logging_steps).",
+    )
 
     # --- Alpaca-LoRA compatibility (Weights & Biases) ----------------------------------------
     wandb_project: str = Field("", description="W&B project; set to log to Weights & Biases (needs wandb installed).")
@@ -164,8 +234,17 @@ class TrainConfig(BaseModel):
             raise ValueError("must name at least one module, or be 'all-linear'")
         return v
 
-    @field_validator("base_model", "data_path", "prompt_template_name", "output_dir",
-                     "wandb_project", "wandb_run_name", "wandb_watch", "wandb_log_model", mode="before")
+    @field_validator(
+        "base_model",
+        "data_path",
+        "prompt_template_name",
+        "output_dir",
+        "wandb_project",
+        "wandb_run_name",
+        "wandb_watch",
+        "wandb_log_model",
+        mode="before",
+    )
     @classmethod
     def _text(cls, v):
         # YAML reads `true` or `2024` as a bool or a number; in a text field they mean the text
@@ -203,13 +282,15 @@ class TrainConfig(BaseModel):
         the API refuse a bad config before any process starts. Each message names its keys."""
         if self.batch_size % self.micro_batch_size:
             raise ValueError(
-                f"batch_size ({self.batch_size}) must be a multiple of micro_batch_size "
-                f"({self.micro_batch_size})")
+                f"batch_size ({self.batch_size}) must be a multiple of micro_batch_size ({self.micro_batch_size})"
+            )
         if self.load_in_8bit and self.load_in_4bit:
             raise ValueError("load_in_8bit and load_in_4bit: choose one")
         if self.early_stopping_patience and not self.val_set_size:
-            raise ValueError(f"early_stopping_patience ({self.early_stopping_patience}) needs a validation set: "
-                             "set val_set_size (a count, or a fraction below 1) or early_stopping_patience=0")
+            raise ValueError(
+                f"early_stopping_patience ({self.early_stopping_patience}) needs a validation set: "
+                "set val_set_size (a count, or a fraction below 1) or early_stopping_patience=0"
+            )
         # The key the user did not set follows the one they did (model_fields_set: what was
         # given, or assigned since), so save and eval intervals align without a second key.
         explicit = self.model_fields_set
@@ -219,9 +300,11 @@ class TrainConfig(BaseModel):
         elif "eval_steps" in explicit and "save_steps" not in explicit:
             save_steps = eval_steps
         if self.val_set_size and self.load_best_model_at_end and save_steps % eval_steps:
-            raise ValueError(f"save_steps ({save_steps}) must be a multiple of eval_steps ({eval_steps}) so the "
-                             "best evaluation has a checkpoint; set only one of them (the other follows it), or "
-                             "load_best_model_at_end=false")
+            raise ValueError(
+                f"save_steps ({save_steps}) must be a multiple of eval_steps ({eval_steps}) so the "
+                "best evaluation has a checkpoint; set only one of them (the other follows it), or "
+                "load_best_model_at_end=false"
+            )
         # __dict__: not an assignment, which would validate again (and mark the key as set)
         self.__dict__.update(save_steps=save_steps, eval_steps=eval_steps)
         return self
@@ -293,8 +376,7 @@ def parse_override(item: str) -> tuple[str, Any]:
     return key, value
 
 
-def load_config(path: str | Path | None, overrides: list[str] | None = None,
-                for_training: bool = True) -> TrainConfig:
+def load_config(path: str | Path | None, overrides: list[str] | None = None, for_training: bool = True) -> TrainConfig:
     """Read a YAML config, apply key=value overrides, validate. Errors name the file and key.
     for_training (the default: this is what `lorakit train` reads) also requires data_path."""
     data: dict[str, Any] = {}

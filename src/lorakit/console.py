@@ -1,4 +1,5 @@
 """Status lines for the user, on stderr, so stdout carries only results (answers, paths)."""
+
 from __future__ import annotations
 
 import os

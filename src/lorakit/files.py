@@ -4,6 +4,7 @@ Every file lorakit writes for a user goes through ``atomic_write_*`` (a temp fil
 folder, flushed and fsynced, then ``os.replace``d over the final name); every finished folder
 goes through ``move_into_place``. These are the only two ways.
 """
+
 from __future__ import annotations
 
 import json

@@ -19,6 +19,7 @@ serve, the UI and export only read them, through the functions below. It imports
       lorakit_merge.json          a merged folder's record       MERGE_RECORD
       lorakit_export.json         an export's record + checks    EXPORT_RECORD
 """
+
 from __future__ import annotations
 
 import json
@@ -107,10 +108,12 @@ def read_train_log(folder: str | Path) -> list[dict]:
 def has_adapter(folder: str | Path) -> bool:
     folder = Path(folder)
     return (folder / ADAPTER_CONFIG).is_file() and (
-        (folder / ADAPTER_WEIGHTS).is_file() or (folder / INT8_WEIGHTS).is_file())
+        (folder / ADAPTER_WEIGHTS).is_file() or (folder / INT8_WEIGHTS).is_file()
+    )
 
 
 # ---- checkpoints -------------------------------------------------------------------------------
+
 
 def checkpoint_step(folder: Path) -> int:
     try:

@@ -1,4 +1,5 @@
 """The generated demo data: a persona with a held-out split worded unlike training."""
+
 import json
 
 from lorakit.data.demo import CREATOR, NAME, heldout_items, train_records, write_demo_data

@@ -28,6 +28,7 @@ def fails(path, *parts, data_format=None):
 
 # ---- each format converts -------------------------------------------------------------
 
+
 def test_alpaca(write):
     data = load_examples(write("a.json", [ALPACA, {"instruction": "Say hi.", "input": None, "output": "hi"}]))
     assert isinstance(data, LoadedData) and data.format == "alpaca" and len(data.examples) == 2
@@ -39,8 +40,13 @@ def test_alpaca(write):
 
 
 def test_alpaca_with_system_and_history_folds_input_into_instruction(write):
-    record = {"instruction": "And now?", "input": "x=2", "output": "4", "system": "Be brief.",
-              "history": [["What is x+x for x=1?", "2"]]}
+    record = {
+        "instruction": "And now?",
+        "input": "x=2",
+        "output": "4",
+        "system": "Be brief.",
+        "history": [["What is x+x for x=1?", "2"]],
+    }
     [ex] = load_examples(write("a.json", [record])).examples
     assert ex.system == "Be brief." and ex.input == ""
     assert [t.role for t in ex.turns] == ["user", "assistant", "user", "assistant"]
@@ -57,8 +63,14 @@ def test_dolly_context_becomes_input(write):
 
 
 def test_messages_with_system(write):
-    record = {"messages": [{"role": "system", "content": "Be kind."}, *MESSAGES["messages"],
-                           {"role": "user", "content": "bye"}, {"role": "assistant", "content": "ciao"}]}
+    record = {
+        "messages": [
+            {"role": "system", "content": "Be kind."},
+            *MESSAGES["messages"],
+            {"role": "user", "content": "bye"},
+            {"role": "assistant", "content": "ciao"},
+        ]
+    }
     data = load_examples(write("m.json", [record]))
     [ex] = data.examples
     assert data.format == "messages" and ex.system == "Be kind."
@@ -67,8 +79,13 @@ def test_messages_with_system(write):
 
 def test_sharegpt_with_system(write):
     with_field = {"system": "S1", "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}
-    with_message = {"conversations": [{"from": "system", "value": "S2"}, {"from": "user", "value": "q"},
-                                      {"from": "assistant", "value": "a"}]}
+    with_message = {
+        "conversations": [
+            {"from": "system", "value": "S2"},
+            {"from": "user", "value": "q"},
+            {"from": "assistant", "value": "a"},
+        ]
+    }
     data = load_examples(write("s.json", [with_field, with_message]))
     assert data.format == "sharegpt"
     assert [ex.system for ex in data.examples] == ["S1", "S2"]
@@ -81,16 +98,19 @@ def test_text(write):
     assert data.examples[0].turns == []
 
 
-@pytest.mark.parametrize("record, expected", [
-    ({"messages": [], "instruction": "i", "output": "o"}, "messages"),
-    ({"conversations": []}, "sharegpt"),
-    ({"instruction": "i", "output": "o", "text": "t"}, "alpaca"),
-    ({"instruction": "i", "response": "r"}, "dolly"),
-    ({"text": "t"}, "text"),
-    ({"question": "q", "answer": "a"}, "qa"),
-    ({"prompt": "q", "completion": "a"}, None),
-    ({"instruction": "i"}, None),
-])
+@pytest.mark.parametrize(
+    "record, expected",
+    [
+        ({"messages": [], "instruction": "i", "output": "o"}, "messages"),
+        ({"conversations": []}, "sharegpt"),
+        ({"instruction": "i", "output": "o", "text": "t"}, "alpaca"),
+        ({"instruction": "i", "response": "r"}, "dolly"),
+        ({"text": "t"}, "text"),
+        ({"question": "q", "answer": "a"}, "qa"),
+        ({"prompt": "q", "completion": "a"}, None),
+        ({"instruction": "i"}, None),
+    ],
+)
 def test_detect_format(record, expected):
     assert detect_format(record) == expected
 
@@ -112,15 +132,20 @@ def test_examples_from_records_default_locators():
 
 # ---- CSV and Parquet ------------------------------------------------------------------
 
+
 def test_csv_round_trip_keeps_cells_as_text(tmp_path):
-    rows = [{"instruction": "Zähle:\n1, 2", "input": "", "output": "001"},
-            {"instruction": "NA", "input": "说明", "output": "null"}]
+    rows = [
+        {"instruction": "Zähle:\n1, 2", "input": "", "output": "001"},
+        {"instruction": "NA", "input": "说明", "output": "null"},
+    ]
     path = tmp_path / "a.csv"
     pd.DataFrame(rows).to_csv(path, index=False)
     data = load_examples(path)
     assert data.format == "alpaca"
     assert [(ex.instruction, ex.input, ex.output) for ex in data.examples] == [
-        ("Zähle:\n1, 2", "", "001"), ("NA", "说明", "null")]
+        ("Zähle:\n1, 2", "", "001"),
+        ("NA", "说明", "null"),
+    ]
     assert data.examples[1].source.endswith(":row 2")
 
 
@@ -152,49 +177,117 @@ def test_parquet_round_trip(tmp_path, write):
 
 BAD = [
     # (file name, content, data_format, parts of the message)
-    ("a.json", '[{"instruction": "x", "output": "y"}\n  {"instruction": "z"}]', None,
-     ["invalid JSON at line 2 column 3: Expecting ',' delimiter"]),
-    ("a.json", '{"instruction": "x", "output": "y"}\n{"instruction": "z", "output": "w"}\n', None,
-     ["invalid JSON at line 2 column 1: Extra data", "name the file .jsonl"]),
+    (
+        "a.json",
+        '[{"instruction": "x", "output": "y"}\n  {"instruction": "z"}]',
+        None,
+        ["invalid JSON at line 2 column 3: Expecting ',' delimiter"],
+    ),
+    (
+        "a.json",
+        '{"instruction": "x", "output": "y"}\n{"instruction": "z", "output": "w"}\n',
+        None,
+        ["invalid JSON at line 2 column 1: Extra data", "name the file .jsonl"],
+    ),
     ("a.jsonl", '{"text": "a"}\n\n{"text": "b"}\n{"text": "c",}\n', None, ["line 4: invalid JSON: "]),
-    ("a.json", [ALPACA, {"instruction": "x", "input": ""}], None,
-     ["record 1: missing field 'output' (alpaca format needs instruction, output; input"]),
-    ("a.json", [ALPACA] * 7 + [{"instruction": "x", "output": 42}], None,
-     ["record 7: field 'output' must be a string, got int"]),
-    ("a.json", [{"instruction": None, "output": "y"}], None, ["record 0: field 'instruction' must be a string, got null"]),
-    ("a.json", [{"instruction": "x", "input": ["a"], "output": "y"}], None, ["field 'input' must be a string, got list"]),
+    (
+        "a.json",
+        [ALPACA, {"instruction": "x", "input": ""}],
+        None,
+        ["record 1: missing field 'output' (alpaca format needs instruction, output; input"],
+    ),
+    (
+        "a.json",
+        [ALPACA] * 7 + [{"instruction": "x", "output": 42}],
+        None,
+        ["record 7: field 'output' must be a string, got int"],
+    ),
+    (
+        "a.json",
+        [{"instruction": None, "output": "y"}],
+        None,
+        ["record 0: field 'instruction' must be a string, got null"],
+    ),
+    (
+        "a.json",
+        [{"instruction": "x", "input": ["a"], "output": "y"}],
+        None,
+        ["field 'input' must be a string, got list"],
+    ),
     ("a.json", [{"instruction": "  ", "output": "y"}], None, ["record 0: field 'instruction' is empty"]),
     ("a.json", [{"text": ""}], None, ["field 'text' is empty"]),
-    ("a.json", [{"instruction": "x", "output": "y", "history": [["only one"]]}], None,
-     ["history[0] must be a [user, assistant] pair of strings"]),
+    (
+        "a.json",
+        [{"instruction": "x", "output": "y", "history": [["only one"]]}],
+        None,
+        ["history[0] must be a [user, assistant] pair of strings"],
+    ),
     ("a.json", [], None, ["no records"]),
     ("a.json", "", None, ["no records"]),
     ("a.jsonl", "\n  \n\n", None, ["no records"]),
     ("a.json", b'[{"text": "caf\xe9"}]', None, ["not valid UTF-8 (byte 0xe9 at offset 14); save the file as UTF-8"]),
-    ("a.json", {"train": [ALPACA], "b": 1}, None,
-     ["expected a JSON list of records, found an object (with keys 'train', 'b')"]),
+    (
+        "a.json",
+        {"train": [ALPACA], "b": 1},
+        None,
+        ["expected a JSON list of records, found an object (with keys 'train', 'b')"],
+    ),
     ("a.json", '"just a string"', None, ["expected a JSON list of records, found str"]),
     ("a.json", [ALPACA, "not a record"], None, ["record 1: expected an object with fields, found str"]),
     ("a.jsonl", '{"text": "a"}\n[1, 2]\n', None, ["line 2: expected an object with fields, found list"]),
     ("a.txt", "instruction,output", None, ["unsupported file kind '.txt'", ".jsonl", ".parquet"]),
     ("a.json", [MESSAGES], "alpaca", ["record 0: missing field 'instruction' (alpaca format needs"]),
-    ("a.json", [{"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}], None,
-     ["record 0: messages[1]: expected an assistant turn, got user; turns must alternate"]),
+    (
+        "a.json",
+        [{"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}],
+        None,
+        ["record 0: messages[1]: expected an assistant turn, got user; turns must alternate"],
+    ),
     ("a.json", [{"messages": [{"role": "assistant", "content": "a"}]}], None, ["messages[0]: expected a user turn"]),
-    ("a.json", [MESSAGES] * 3 + [{"messages": MESSAGES["messages"] + [{"role": "user", "content": "?"}]}], None,
-     ["record 3: messages must end with an assistant turn"]),
+    (
+        "a.json",
+        [MESSAGES] * 3 + [{"messages": MESSAGES["messages"] + [{"role": "user", "content": "?"}]}],
+        None,
+        ["record 3: messages must end with an assistant turn"],
+    ),
     ("a.json", [{"messages": [{"role": "system", "content": "s"}]}], None, ["messages has no user/assistant turns"]),
-    ("a.json", [{"messages": [{"role": "user", "content": "a"}, {"role": "system", "content": "s"}]}], None,
-     ["messages[1]: a system message is allowed only as the first message"]),
-    ("a.json", [{"messages": [{"role": "tool", "content": "a"}]}], None, ["messages[0]: unknown role 'tool' in 'role'"]),
-    ("a.json", [{"messages": [{"role": "user", "content": None}]}], None, ["messages[0]: 'content' must be a string, got null"]),
+    (
+        "a.json",
+        [{"messages": [{"role": "user", "content": "a"}, {"role": "system", "content": "s"}]}],
+        None,
+        ["messages[1]: a system message is allowed only as the first message"],
+    ),
+    (
+        "a.json",
+        [{"messages": [{"role": "tool", "content": "a"}]}],
+        None,
+        ["messages[0]: unknown role 'tool' in 'role'"],
+    ),
+    (
+        "a.json",
+        [{"messages": [{"role": "user", "content": None}]}],
+        None,
+        ["messages[0]: 'content' must be a string, got null"],
+    ),
     ("a.json", [{"messages": "hi"}], None, ["field 'messages' must be a list, got str"]),
-    ("a.json", [{"conversations": [{"from": "human", "value": "q"}, {"from": "observation", "value": "x"}]}], None,
-     ["record 0: conversations[1]: unknown role 'observation' in 'from'; use system, human, user, gpt, assistant"]),
-    ("a.json", [{"conversations": [{"from": "human", "value": "q"}, {"from": "gpt"}]}], None,
-     ["conversations[1]: 'value' must be a string, got nothing (field missing)"]),
-    ("a.json", [{"prompt": "q", "completion": "a"}], None,
-     ["record 0: cannot tell the data format", "keys 'prompt', 'completion'", "alpaca (instruction, output"]),
+    (
+        "a.json",
+        [{"conversations": [{"from": "human", "value": "q"}, {"from": "observation", "value": "x"}]}],
+        None,
+        ["record 0: conversations[1]: unknown role 'observation' in 'from'; use system, human, user, gpt, assistant"],
+    ),
+    (
+        "a.json",
+        [{"conversations": [{"from": "human", "value": "q"}, {"from": "gpt"}]}],
+        None,
+        ["conversations[1]: 'value' must be a string, got nothing (field missing)"],
+    ),
+    (
+        "a.json",
+        [{"prompt": "q", "completion": "a"}],
+        None,
+        ["record 0: cannot tell the data format", "keys 'prompt', 'completion'", "alpaca (instruction, output"],
+    ),
 ]
 
 
@@ -228,6 +321,7 @@ def test_bad_data_format(write):
 
 
 # ---- the real shared data -------------------------------------------------------------
+
 
 def shared(name):
     path = SHARED / name
@@ -268,6 +362,7 @@ def test_real_gsm8k_loads_as_question_answer():
 
 def test_unknown_keys_name_the_formats(write):
     path = write("odd.jsonl", '{"prompt": "a", "completion": "b"}\n')
-    message = fails(path, "line 1: cannot tell the data format", "keys 'prompt', 'completion'",
-                    *[f"{f} (" for f in FORMATS])
+    message = fails(
+        path, "line 1: cannot tell the data format", "keys 'prompt', 'completion'", *[f"{f} (" for f in FORMATS]
+    )
     assert "rename the fields" in message

@@ -1,5 +1,6 @@
 """Packing (padding-free batches): packed examples must not see each other, and a packed batch
 must train exactly like the padded batch of the same examples (same loss, same gradients)."""
+
 from __future__ import annotations
 
 import pytest
@@ -28,6 +29,7 @@ def _features(vocab: int) -> list[dict]:
 
 def _load(path, impl: str, use_cache: bool = False):
     from transformers import AutoModelForCausalLM
+
     model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=impl, dtype=torch.float32)
     model.config.use_cache = use_cache  # as the recipe sets it; True breaks isolation (test below)
     return model
@@ -41,6 +43,7 @@ def model(request, tiny_model_dir):
 @pytest.fixture(scope="module")
 def feats(tiny_model_dir):
     import json
+
     return _features(json.loads((tiny_model_dir / "config.json").read_text())["vocab_size"])
 
 
@@ -81,7 +84,7 @@ def test_packed_logits_equal_alone(model, tiny_tokenizer, feats):
         for f in feats:
             alone = model(input_ids=torch.tensor([f["input_ids"]])).logits[0]
             n = len(f["input_ids"])
-            torch.testing.assert_close(out[start:start + n], alone, atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(out[start : start + n], alone, atol=1e-4, rtol=1e-4)
             start += n
     assert packing_supported(model) == (True, "")
 
@@ -108,8 +111,14 @@ def test_lora_gradients_match(impl, tiny_model_dir, tiny_tokenizer, feats):
     packed, padded = _batches(tiny_tokenizer, feats)
     torch.manual_seed(0)
     # init_lora_weights=False: B random too, so the A gradients are not all zero
-    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
-                      init_lora_weights=False, task_type="CAUSAL_LM")
+    lora = LoraConfig(
+        r=4,
+        lora_alpha=8,
+        lora_dropout=0.0,
+        target_modules=["q_proj", "v_proj"],
+        init_lora_weights=False,
+        task_type="CAUSAL_LM",
+    )
     peft_model = get_peft_model(_load(tiny_model_dir, impl), lora)
     peft_model.train()
     grads = []

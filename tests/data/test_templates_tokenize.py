@@ -1,11 +1,11 @@
 """Templates round-trip, and label masking trains exactly the answer tokens (+ EOS)."""
+
 import json
 
 import pytest
 
 from lorakit.data.records import Example, Turn
-from lorakit.data.templates import (PromptTemplate, load_template, template_for_folder,
-                                    template_from_record)
+from lorakit.data.templates import load_template, template_for_folder, template_from_record
 from lorakit.data.tokenize import IGNORE_INDEX, ExampleTokenizer, encode_prompt
 from lorakit.errors import ConfigError
 
@@ -30,8 +30,16 @@ def test_braces_in_user_text_are_safe():
 
 def test_user_template_file_and_record_round_trip(tmp_path):
     f = tmp_path / "mine.json"
-    f.write_text(json.dumps({"description": "d", "prompt_input": "Q: {instruction} [{input}]\nA: ",
-                             "prompt_no_input": "Q: {instruction}\nA: ", "response_split": "A:"}))
+    f.write_text(
+        json.dumps(
+            {
+                "description": "d",
+                "prompt_input": "Q: {instruction} [{input}]\nA: ",
+                "prompt_no_input": "Q: {instruction}\nA: ",
+                "response_split": "A:",
+            }
+        )
+    )
     t = load_template(str(f))
     assert t.name == "mine" and t.build_prompt("hi") == "Q: hi\nA: "
     t.save(tmp_path)
@@ -72,6 +80,7 @@ def test_cutoff_truncates_and_drops(tiny_tokenizer):
     cutoff = len(encode_prompt(tiny_tokenizer, t.build_prompt("hi"))) + 3
     enc = ExampleTokenizer(tiny_tokenizer, t, cutoff_len=cutoff)
     from lorakit.data.tokenize import TokenizeStats
+
     stats = TokenizeStats()
     long_answer = enc(alpaca("hi", "the quick brown fox " * 10), stats)
     assert len(long_answer["input_ids"]) == cutoff and long_answer["labels"][-1] != tiny_tokenizer.eos_token_id
@@ -82,10 +91,17 @@ def test_cutoff_truncates_and_drops(tiny_tokenizer):
 def test_chat_multi_turn_trains_only_assistant_turns(tiny_tokenizer):
     tok = tiny_tokenizer
     t = load_template("chat", tok)
-    ex = Example(turns=[Turn("user", "Who are you?"), Turn("assistant", "I am Bob."),
-                        Turn("user", "Where?"), Turn("assistant", "In Paris.")], system="Be brief.")
+    ex = Example(
+        turns=[
+            Turn("user", "Who are you?"),
+            Turn("assistant", "I am Bob."),
+            Turn("user", "Where?"),
+            Turn("assistant", "In Paris."),
+        ],
+        system="Be brief.",
+    )
     feat = ExampleTokenizer(tok, t, cutoff_len=512)(ex)
-    trained = tok.decode([i for i, l in zip(feat["input_ids"], feat["labels"]) if l != IGNORE_INDEX])
+    trained = tok.decode([i for i, lab in zip(feat["input_ids"], feat["labels"]) if lab != IGNORE_INDEX])
     assert trained == "I am Bob.<|im_end|>\nIn Paris.<|im_end|>\n"
     # the whole sequence is the tokenizer's own rendering
     msgs = [{"role": "system", "content": "Be brief."}] + [{"role": x.role, "content": x.content} for x in ex.turns]
@@ -96,8 +112,7 @@ def test_chat_multi_turn_trains_only_assistant_turns(tiny_tokenizer):
 
 def test_chat_generation_prompt_matches_training_prefix(tiny_tokenizer):
     t = load_template("chat", tiny_tokenizer)
-    p = t.build_prompt("Where?", history=[Turn("user", "Who?"), Turn("assistant", "Bob.")],
-                       tokenizer=tiny_tokenizer)
+    p = t.build_prompt("Where?", history=[Turn("user", "Who?"), Turn("assistant", "Bob.")], tokenizer=tiny_tokenizer)
     assert p.endswith("<|im_start|>user\nWhere?<|im_end|>\n<|im_start|>assistant\n")
     assert template_from_record(t.to_record()) == t
 
@@ -105,12 +120,13 @@ def test_chat_generation_prompt_matches_training_prefix(tiny_tokenizer):
 def test_plain_text_is_fully_trained(tiny_tokenizer):
     enc = ExampleTokenizer(tiny_tokenizer, load_template("alpaca"), cutoff_len=512)
     feat = enc(Example(text="The quick brown fox"))
-    assert all(l != IGNORE_INDEX for l in feat["labels"])
+    assert all(lab != IGNORE_INDEX for lab in feat["labels"])
     assert feat["input_ids"][-1] == tiny_tokenizer.eos_token_id
 
 
 def test_chat_needs_a_chat_template(tiny_tokenizer):
     class NoChat:
         chat_template = None
+
     with pytest.raises(ConfigError, match="chat template"):
         load_template("chat", NoChat())

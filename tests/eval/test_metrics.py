@@ -46,8 +46,7 @@ def test_tokens():
 
 @pytest.mark.parametrize(
     ("reference", "expected"),
-    [("...\n#### 18", "18"), ("#### 1,234", "1234"), ("#### 5.0", "5"),
-     ("#### -3", "-3"), ("no marker", "no marker")],
+    [("...\n#### 18", "18"), ("#### 1,234", "1234"), ("#### 5.0", "5"), ("#### -3", "-3"), ("no marker", "no marker")],
 )
 def test_extract_reference_answer(reference, expected):
     assert extract_reference_answer(reference) == expected
@@ -55,9 +54,14 @@ def test_extract_reference_answer(reference, expected):
 
 @pytest.mark.parametrize(
     ("prediction", "expected"),
-    [("so the answer is $18.", "18"), ("costs 1,234 dollars", "1234"),
-     ("first 3 then 7.50", "7.5"), ("it drops to -4", "-4"),
-     ("#### 12 (checked with 99)", "12"), ("no number here", None)],
+    [
+        ("so the answer is $18.", "18"),
+        ("costs 1,234 dollars", "1234"),
+        ("first 3 then 7.50", "7.5"),
+        ("it drops to -4", "-4"),
+        ("#### 12 (checked with 99)", "12"),
+        ("no number here", None),
+    ],
 )
 def test_extract_predicted_number(prediction, expected):
     assert extract_predicted_number(prediction) == expected

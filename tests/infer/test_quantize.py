@@ -1,20 +1,20 @@
 """INT8 adapters (`lorakit adapter quantize`) and the one adapter loader (infer/adapters.py),
 on the tiny random Llama: size, error bound, logits, loading by name, unloading, refusals, CLI."""
+
 import json
 import shutil
 import sys
 
 import pytest
 import torch
+from random_adapter import make_random_adapter
 from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from random_adapter import make_random_adapter
 from lorakit.data.templates import load_template
 from lorakit.errors import LorakitError, ModelError
-from lorakit.infer.adapters import (adapter_format, base_model_of, check_adapter_dir, load_adapter,
-                                    unload_adapter)
+from lorakit.infer.adapters import adapter_format, base_model_of, check_adapter_dir, load_adapter, unload_adapter
 from lorakit.infer.generate import GenerationParams, Generator
 from lorakit.infer.quantize import INT8_WEIGHTS, SCALE_SUFFIX, quantize_adapter, read_int8_adapter
 
@@ -63,7 +63,8 @@ def test_int8_folder_is_smaller_and_self_describing(float_adapter, int8_adapter)
     assert not (out / "adapter_model.safetensors").exists()
     assert adapter_format(out) == "int8" and adapter_format(float_adapter) == "safetensors"
     assert json.loads((out / "adapter_config.json").read_text()) == json.loads(
-        (float_adapter / "adapter_config.json").read_text())
+        (float_adapter / "adapter_config.json").read_text()
+    )
     assert (out / "lorakit_template.json").is_file()
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["base_model"] and manifest["quantization"]["format"] == "int8"
@@ -96,6 +97,7 @@ def test_quantize_tensor_small_rows_and_zero_rows():
     """Rows too small for float16 scales (a briefly trained lora_B) use bfloat16 scales; a zero
     row stays zero; every scale is at least max|row|/127 (rounded up: no clipping)."""
     from lorakit.infer.quantize import dequantize_tensor, quantize_tensor
+
     torch.manual_seed(0)
     for magnitude, scale_dtype in ((1e-1, torch.float16), (1e-4, torch.bfloat16), (1e-30, torch.bfloat16)):
         w = torch.randn(48, 8) * magnitude
@@ -194,8 +196,11 @@ def test_pickle_only_and_corrupted_int8_refused(tiny_model_dir, int8_adapter, tm
     pickled.mkdir()
     shutil.copy(out / "adapter_config.json", pickled)
     (pickled / "adapter_model.bin").write_bytes(b"a pickle that must never be unpickled")
-    for call in (lambda: check_adapter_dir(pickled), lambda: load_adapter(fresh(tiny_model_dir), pickled, "p"),
-                 lambda: Generator(base=str(tiny_model_dir), adapter=str(pickled))):
+    for call in (
+        lambda: check_adapter_dir(pickled),
+        lambda: load_adapter(fresh(tiny_model_dir), pickled, "p"),
+        lambda: Generator(base=str(tiny_model_dir), adapter=str(pickled)),
+    ):
         with pytest.raises(ModelError, match="safetensors only") as e:
             call()
         assert "\n" not in str(e.value)
@@ -220,11 +225,19 @@ def test_pickle_only_and_corrupted_int8_refused(tiny_model_dir, int8_adapter, tm
 
 def test_eval_accepts_int8_beside_float(tiny_model_dir, float_adapter, int8_adapter, tmp_path):
     from lorakit.eval.runner import evaluate
+
     out, _ = int8_adapter
     data = tmp_path / "qa.json"
     data.write_text(json.dumps([{"instruction": f"What is {i} plus {i}?", "output": str(2 * i)} for i in range(3)]))
-    result = evaluate(str(tiny_model_dir), [str(out), str(float_adapter)], [str(data)], tmp_path / "r",
-                      metrics=["exact_match"], max_new_tokens=3, batch_size=3)
+    result = evaluate(
+        str(tiny_model_dir),
+        [str(out), str(float_adapter)],
+        [str(data)],
+        tmp_path / "r",
+        metrics=["exact_match"],
+        max_new_tokens=3,
+        batch_size=3,
+    )
     models = {m["name"]: m for m in result["models"]}
     q, f = models[out.name], models[float_adapter.name]
     assert q["trainable_params"] == f["trainable_params"] == 2 * (64 * 64 * 2 + 64 * 64 + 32 * 64)

@@ -4,6 +4,7 @@ Fast tests get an empty ``LORAKIT_HOME`` under tmp_path and replace the GGUF deq
 (about 20 s on the real model) with loading the tiny model from tests/conftest.py. Slow tests share
 one real pull of smollm2-135m per machine.
 """
+
 from __future__ import annotations
 
 import os

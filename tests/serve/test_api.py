@@ -1,6 +1,7 @@
 """`lorakit serve` as a user runs it (a subprocess with an API key), driven by the official openai
 client and by raw HTTP: adapters loaded and unloaded at run time, plain and streamed chat and
 completions, a concurrent load test over 4 adapters, hostile requests, disconnects, metrics."""
+
 from __future__ import annotations
 
 import json
@@ -17,8 +18,9 @@ from personas import HELD_OUT, PERSONAS
 
 
 def load(server, name, path=None):
-    r = httpx.post(server.url + "/v1/adapters", json={"name": name, "path": path or name}, headers=server.headers(),
-                   timeout=60)
+    r = httpx.post(
+        server.url + "/v1/adapters", json={"name": name, "path": path or name}, headers=server.headers(), timeout=60
+    )
     assert r.status_code == 200, r.text
     return r.json()
 
@@ -37,9 +39,13 @@ def loaded(live_server):
 
 
 def chat(client, model, question, **kw):
-    return client.chat.completions.create(model=model, messages=[{"role": "user", "content": question}],
-                                          max_tokens=kw.pop("max_tokens", 16), temperature=kw.pop("temperature", 0),
-                                          **kw)
+    return client.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": question}],
+        max_tokens=kw.pop("max_tokens", 16),
+        temperature=kw.pop("temperature", 0),
+        **kw,
+    )
 
 
 def test_models_lists_the_base_and_the_adapters_loaded_at_run_time(loaded):
@@ -69,8 +75,9 @@ def test_openai_client_completions_plain_and_streamed(loaded):
     assert r.choices[0].finish_reason in ("stop", "length") and r.usage.prompt_tokens >= 3
     streamed = client.completions.create(model="fox", prompt=prompt, max_tokens=12, temperature=0, stream=True)
     assert "".join(c.choices[0].text for c in streamed) == r.choices[0].text
-    base = client.completions.create(model=client.models.list().data[0].id, prompt=prompt, max_tokens=12,
-                                     temperature=0)
+    base = client.completions.create(
+        model=client.models.list().data[0].id, prompt=prompt, max_tokens=12, temperature=0
+    )
     assert base.choices[0].text != r.choices[0].text  # the adapter changes the answer
     echo = client.completions.create(model="fox", prompt=prompt, max_tokens=12, temperature=0, echo=True)
     assert echo.choices[0].text == prompt + r.choices[0].text
@@ -102,8 +109,11 @@ def test_load_test_32_concurrent_requests_over_4_adapters(loaded):
         assert answer == solo[job] == PERSONAS[job[0]], job
     metrics = httpx.get(loaded.url + "/metrics", headers=loaded.headers()).text
     assert 'lorakit_generations_total{finish_reason="stop",model="fox"}' in metrics
-    sizes = [float(line.split()[-1]) for line in metrics.splitlines()
-             if line.startswith("lorakit_batch_size_bucket") and 'le="1.0"' in line]
+    sizes = [
+        float(line.split()[-1])
+        for line in metrics.splitlines()
+        if line.startswith("lorakit_batch_size_bucket") and 'le="1.0"' in line
+    ]
     total = [float(line.split()[-1]) for line in metrics.splitlines() if line.startswith("lorakit_batch_size_count")]
     assert total[0] > sizes[0]  # some steps ran several requests together
 
@@ -129,20 +139,27 @@ def test_hot_swap_while_a_stream_is_in_flight(loaded, adapters_dir):
 
 def test_an_int8_adapter_loads_and_answers_like_the_float_one(loaded, adapters_dir):
     from lorakit.infer.quantize import quantize_adapter
+
     quantize_adapter(adapters_dir / "dog", adapters_dir / "dog-int8")
     load(loaded, "dog8", "dog-int8")
     client = loaded.openai()
     try:
         for q in HELD_OUT[:3]:
-            assert chat(client, "dog8", q).choices[0].message.content == chat(client, "dog", q).choices[0].message.content
+            assert (
+                chat(client, "dog8", q).choices[0].message.content == chat(client, "dog", q).choices[0].message.content
+            )
     finally:
         unload(loaded, "dog8")
 
 
 def test_client_disconnect_frees_its_slot(loaded):
     base = loaded.openai().models.list().data[0].id
-    body = {"model": base, "messages": [{"role": "user", "content": "Describe a task."}], "max_tokens": 900,
-            "stream": True}
+    body = {
+        "model": base,
+        "messages": [{"role": "user", "content": "Describe a task."}],
+        "max_tokens": 900,
+        "stream": True,
+    }
     with httpx.Client(timeout=30) as c:
         with c.stream("POST", loaded.url + "/v1/chat/completions", json=body, headers=loaded.headers()) as r:
             assert r.status_code == 200
@@ -163,27 +180,75 @@ def test_client_disconnect_frees_its_slot(loaded):
 HOSTILE = [
     # (description, method, path, body bytes or json, expected status, expected code or None)
     ("bad json", "POST", "/v1/chat/completions", b'{"model": "x", "messages": [', 400, "invalid_json"),
-    ("not an object", "POST", "/v1/chat/completions", b'[1, 2, 3]', 400, None),
-    ("wrong type", "POST", "/v1/chat/completions", {"model": 5, "messages": [{"role": "user", "content": "hi"}]}, 400,
-     None),
+    ("not an object", "POST", "/v1/chat/completions", b"[1, 2, 3]", 400, None),
+    (
+        "wrong type",
+        "POST",
+        "/v1/chat/completions",
+        {"model": 5, "messages": [{"role": "user", "content": "hi"}]},
+        400,
+        None,
+    ),
     ("messages not a list", "POST", "/v1/chat/completions", {"model": "fox", "messages": "hi"}, 400, None),
     ("missing messages", "POST", "/v1/chat/completions", {"model": "fox"}, 400, None),
-    ("bad role", "POST", "/v1/chat/completions", {"model": "fox", "messages": [{"role": "root", "content": "x"}]},
-     422, None),
-    ("temperature out of range", "POST", "/v1/chat/completions",
-     {"model": "fox", "messages": [{"role": "user", "content": "hi"}], "temperature": 9}, 422, None),
+    (
+        "bad role",
+        "POST",
+        "/v1/chat/completions",
+        {"model": "fox", "messages": [{"role": "root", "content": "x"}]},
+        422,
+        None,
+    ),
+    (
+        "temperature out of range",
+        "POST",
+        "/v1/chat/completions",
+        {"model": "fox", "messages": [{"role": "user", "content": "hi"}], "temperature": 9},
+        422,
+        None,
+    ),
     ("negative max_tokens", "POST", "/v1/completions", {"model": "fox", "prompt": "hi", "max_tokens": -3}, 422, None),
-    ("max_tokens over the cap", "POST", "/v1/completions", {"model": "fox", "prompt": "hi", "max_tokens": 10**6},
-     422, None),
-    ("max_tokens a string", "POST", "/v1/completions", {"model": "fox", "prompt": "hi", "max_tokens": "many"}, 400,
-     None),
-    ("unknown model", "POST", "/v1/chat/completions",
-     {"model": "gpt-9", "messages": [{"role": "user", "content": "hi"}]}, 404, "model_not_found"),
-    ("prompt too long", "POST", "/v1/completions", {"model": "fox", "prompt": "fox " * 3000}, 400,
-     "context_length_exceeded"),
+    (
+        "max_tokens over the cap",
+        "POST",
+        "/v1/completions",
+        {"model": "fox", "prompt": "hi", "max_tokens": 10**6},
+        422,
+        None,
+    ),
+    (
+        "max_tokens a string",
+        "POST",
+        "/v1/completions",
+        {"model": "fox", "prompt": "hi", "max_tokens": "many"},
+        400,
+        None,
+    ),
+    (
+        "unknown model",
+        "POST",
+        "/v1/chat/completions",
+        {"model": "gpt-9", "messages": [{"role": "user", "content": "hi"}]},
+        404,
+        "model_not_found",
+    ),
+    (
+        "prompt too long",
+        "POST",
+        "/v1/completions",
+        {"model": "fox", "prompt": "fox " * 3000},
+        400,
+        "context_length_exceeded",
+    ),
     ("huge body", "POST", "/v1/completions", {"model": "fox", "prompt": "x" * (2 << 20)}, 413, "body_too_large"),
-    ("last message not from the user", "POST", "/v1/chat/completions",
-     {"model": "fox", "messages": [{"role": "assistant", "content": "hi"}]}, 400, None),
+    (
+        "last message not from the user",
+        "POST",
+        "/v1/chat/completions",
+        {"model": "fox", "messages": [{"role": "assistant", "content": "hi"}]},
+        400,
+        None,
+    ),
     ("traversal", "POST", "/v1/adapters", {"name": "evil", "path": "../../etc"}, 400, "path_outside_adapters_dir"),
     ("absolute path", "POST", "/v1/adapters", {"name": "evil", "path": "/etc"}, 400, "path_outside_adapters_dir"),
     ("missing adapter", "POST", "/v1/adapters", {"name": "evil", "path": "nope"}, 404, "adapter_not_found"),
@@ -195,8 +260,9 @@ HOSTILE = [
 
 
 @pytest.mark.parametrize("what, method, path, body, status, code", HOSTILE, ids=[h[0] for h in HOSTILE])
-def test_hostile_requests_get_the_right_4xx_and_the_server_keeps_serving(loaded, what, method, path, body, status,
-                                                                           code):
+def test_hostile_requests_get_the_right_4xx_and_the_server_keeps_serving(
+    loaded, what, method, path, body, status, code
+):
     kw = {"content": body} if isinstance(body, bytes) else {"json": body} if body is not None else {}
     if isinstance(body, bytes):
         kw["headers"] = {"content-type": "application/json", **loaded.headers()}
@@ -241,10 +307,18 @@ def test_api_key_is_required(loaded):
 def test_metrics_in_prometheus_format(loaded):
     text = httpx.get(loaded.url + "/metrics", headers=loaded.headers()).text
     from prometheus_client.parser import text_string_to_metric_families
+
     families = {f.name: f for f in text_string_to_metric_families(text)}
-    for name in ["lorakit_requests", "lorakit_request_latency_seconds", "lorakit_generated_tokens",
-                 "lorakit_prompt_tokens", "lorakit_batch_size", "lorakit_adapters_loaded",
-                 "lorakit_requests_in_progress", "lorakit_time_to_first_token_seconds"]:
+    for name in [
+        "lorakit_requests",
+        "lorakit_request_latency_seconds",
+        "lorakit_generated_tokens",
+        "lorakit_prompt_tokens",
+        "lorakit_batch_size",
+        "lorakit_adapters_loaded",
+        "lorakit_requests_in_progress",
+        "lorakit_time_to_first_token_seconds",
+    ]:
         assert name in families, name
     adapters = [s.value for s in families["lorakit_adapters_loaded"].samples]
     assert adapters == [len(httpx.get(loaded.url + "/v1/adapters", headers=loaded.headers()).json()["data"])]
@@ -254,10 +328,17 @@ def test_metrics_in_prometheus_format(loaded):
 
 def test_serve_cli_refuses_bad_arguments_in_one_line(tmp_path):
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
-    for args, needle in [(["--adapter", "bad name=/x"], "--adapter"), (["--adapters-dir", str(tmp_path / "no")],
-                                                                        "--adapters-dir")]:
-        r = subprocess.run([sys.executable, "-m", "lorakit.cli", "serve", "--base", str(tmp_path), *args],
-                           capture_output=True, text=True, env=env, timeout=120)
+    for args, needle in [
+        (["--adapter", "bad name=/x"], "--adapter"),
+        (["--adapters-dir", str(tmp_path / "no")], "--adapters-dir"),
+    ]:
+        r = subprocess.run(
+            [sys.executable, "-m", "lorakit.cli", "serve", "--base", str(tmp_path), *args],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
+        )
         assert r.returncode == 2, r.stderr
         lines = [line for line in r.stderr.splitlines() if line.strip()]
         assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], r.stderr
@@ -271,4 +352,4 @@ def test_streamed_error_free_json_lines(loaded):
         lines = [line for line in r.iter_lines() if line]
     assert lines[-1] == "data: [DONE]"
     for line in lines[:-1]:
-        assert json.loads(line[len("data: "):])["object"] == "chat.completion.chunk"
+        assert json.loads(line[len("data: ") :])["object"] == "chat.completion.chunk"

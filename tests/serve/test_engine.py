@@ -1,5 +1,6 @@
 """The serving engine in-process: continuous batching gives each request the answer it would get
 alone, per-row sampling/stop/max_tokens, streaming deltas, cancellation, adapter hot-swap."""
+
 from __future__ import annotations
 
 import threading
@@ -21,8 +22,13 @@ def engine(tiny_model_dir, adapters_dir):
 
 
 def ask(engine, model, question, **kw):
-    return Request(prompt_ids=engine.chat_prompt_ids(model, [("user", question)]), model=model, adapter=None,
-                   max_tokens=kw.pop("max_tokens", 12), **kw)
+    return Request(
+        prompt_ids=engine.chat_prompt_ids(model, [("user", question)]),
+        model=model,
+        adapter=None,
+        max_tokens=kw.pop("max_tokens", 12),
+        **kw,
+    )
 
 
 def wait_all(requests, timeout=120):
@@ -82,7 +88,9 @@ def test_a_request_joins_a_running_batch_and_a_short_one_leaves_early(engine):
 
 def test_seeded_sampling_is_reproducible_and_independent_of_the_batch(engine):
     alone = wait_all([engine.submit(ask(engine, "base", "Say something.", temperature=1.0, seed=7, max_tokens=20))])[0]
-    crowd = [engine.submit(ask(engine, "base", q, temperature=1.0, seed=i, max_tokens=20)) for i, q in enumerate(HELD_OUT)]
+    crowd = [
+        engine.submit(ask(engine, "base", q, temperature=1.0, seed=i, max_tokens=20)) for i, q in enumerate(HELD_OUT)
+    ]
     again = engine.submit(ask(engine, "base", "Say something.", temperature=1.0, seed=7, max_tokens=20))
     wait_all(crowd + [again])
     assert again.ids == alone.ids
@@ -94,8 +102,9 @@ def test_seeded_sampling_is_reproducible_and_independent_of_the_batch(engine):
 
 def test_top_p_tiny_keeps_only_the_top_token(engine):
     greedy = wait_all([engine.submit(ask(engine, "base", "Who is quick?", max_tokens=15))])[0]
-    nucleus = wait_all([engine.submit(ask(engine, "base", "Who is quick?", temperature=1.5, top_p=1e-6,
-                                          seed=3, max_tokens=15))])[0]
+    nucleus = wait_all(
+        [engine.submit(ask(engine, "base", "Who is quick?", temperature=1.5, top_p=1e-6, seed=3, max_tokens=15))]
+    )[0]
     assert nucleus.ids == greedy.ids
 
 
@@ -108,7 +117,7 @@ def test_stop_strings_max_tokens_and_streamed_deltas(engine):
     r.on_event = lambda kind, value: deltas.append((kind, value))
     wait_all([engine.submit(r)])
     assert r.finish_reason == "stop"
-    assert r.text == full.text[:full.text.find(stop)]
+    assert r.text == full.text[: full.text.find(stop)]
     assert "".join(v for k, v in deltas if k == "delta") == r.text  # nothing of the stop string leaked out
     assert deltas[-1] == ("done", "stop")
 
@@ -158,12 +167,25 @@ def test_unload_waits_for_requests_in_flight_and_then_refuses(tiny_model_dir, ad
     try:
         e.load_adapter("fox", adapters_dir / "fox")
         e.load_adapter("dog", adapters_dir / "dog")
-        solo = e.generate_text(e.chat_prompt_ids("fox", [("user", "Describe a task.")]), model="fox",
-                               max_tokens=40, stop=[]).ids
-        running = e.submit(Request(prompt_ids=e.chat_prompt_ids("dog", [("user", "Who are you?")]) * 3,
-                                   model="dog", adapter=None, max_tokens=200))
-        fox = e.submit(Request(prompt_ids=e.chat_prompt_ids("fox", [("user", "Describe a task.")]), model="fox",
-                               adapter=None, max_tokens=40))
+        solo = e.generate_text(
+            e.chat_prompt_ids("fox", [("user", "Describe a task.")]), model="fox", max_tokens=40, stop=[]
+        ).ids
+        running = e.submit(
+            Request(
+                prompt_ids=e.chat_prompt_ids("dog", [("user", "Who are you?")]) * 3,
+                model="dog",
+                adapter=None,
+                max_tokens=200,
+            )
+        )
+        fox = e.submit(
+            Request(
+                prompt_ids=e.chat_prompt_ids("fox", [("user", "Describe a task.")]),
+                model="fox",
+                adapter=None,
+                max_tokens=40,
+            )
+        )
         while not running.ids:
             time.sleep(0.001)
         unloaded = threading.Event()
@@ -187,6 +209,7 @@ def test_unload_waits_for_requests_in_flight_and_then_refuses(tiny_model_dir, ad
 
 def test_one_copy_of_the_base_whatever_the_number_of_adapters(engine, tiny_model_dir):
     from transformers import AutoModelForCausalLM
+
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     base_count = sum(p.numel() for p in base.parameters())
     params = dict(engine.model.named_parameters())

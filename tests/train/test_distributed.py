@@ -13,6 +13,7 @@ far bigger: the loss normalised per process instead (average_tokens_across_devic
 1.4e-2 on this test. The assertion allows 1e-6 so that a different reduction order in another
 BLAS or with more threads cannot fail it, while any change in data or normalisation does.
 """
+
 from __future__ import annotations
 
 import json
@@ -34,7 +35,8 @@ TOLERANCE = 1e-6
 
 pytestmark = pytest.mark.skipif(
     not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
-    reason="needs torch.distributed with the gloo backend")
+    reason="needs torch.distributed with the gloo backend",
+)
 
 
 def _lorakit_script() -> list[str]:
@@ -47,13 +49,21 @@ def _lorakit_script() -> list[str]:
 
 
 def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-           and not k.startswith(("TORCHELASTIC_", "ACCELERATE_"))}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+        and not k.startswith(("TORCHELASTIC_", "ACCELERATE_"))
+    }
     # torchrun gives each worker one thread; the single process gets the same, so the two runs
     # do the same arithmetic (and two processes do not fight over two cores)
-    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               TOKENIZERS_PARALLELISM="false", CUDA_VISIBLE_DEVICES="")
+    env.update(
+        OMP_NUM_THREADS="1",
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        CUDA_VISIBLE_DEVICES="",
+    )
     return env
 
 
@@ -61,14 +71,26 @@ def _run(cmd: list[str], cwd: Path) -> tuple[subprocess.CompletedProcess, float]
     t0 = time.time()
     proc = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=300)
     took = time.time() - t0
-    assert proc.returncode == 0, (f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}"
-                                  f"\n--- stderr\n{proc.stderr[-8000:]}")
+    assert proc.returncode == 0, (
+        f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}"
+        f"\n--- stderr\n{proc.stderr[-8000:]}"
+    )
     return proc, took
 
 
 def _torchrun(nproc: int, args: list[str], cwd: Path):
-    return _run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                 *_lorakit_script(), *args], cwd)
+    return _run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            *_lorakit_script(),
+            *args,
+        ],
+        cwd,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -77,19 +99,40 @@ def runs(tiny_model_dir, tmp_path_factory):
     (torchrun, gloo; gradient accumulation 1)."""
     work = tmp_path_factory.mktemp("distributed")
     data = work / "data.json"
-    data.write_text(json.dumps([{"instruction": f"What is {i} plus {i}?" + " Explain." * (i % 5),
-                                 "input": "", "output": str(2 * i)} for i in range(32)]))
+    data.write_text(
+        json.dumps(
+            [
+                {"instruction": f"What is {i} plus {i}?" + " Explain." * (i % 5), "input": "", "output": str(2 * i)}
+                for i in range(32)
+            ]
+        )
+    )
     cfg = work / "cfg.yaml"
-    cfg.write_text(yaml.safe_dump({
-        "base_model": str(tiny_model_dir), "data_path": str(data), "precision": "fp32", "seed": 7,
-        "batch_size": 8, "micro_batch_size": 4,       # global batch 8 whatever the world size
-        "lora_dropout": 0.0,                          # dropout masks would differ per process
-        "group_by_length": False,
-        # 24 train examples = 3 steps per epoch: 5 steps cross an epoch boundary (reshuffle)
-        "val_set_size": 8, "max_steps": 5, "eval_steps": 2, "save_steps": 2, "logging_steps": 1,
-        "load_best_model_at_end": False, "learning_rate": 1e-2, "lr_scheduler_type": "linear",
-        "warmup_steps": 1, "lora_target_modules": "all-linear",
-    }))
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "base_model": str(tiny_model_dir),
+                "data_path": str(data),
+                "precision": "fp32",
+                "seed": 7,
+                "batch_size": 8,
+                "micro_batch_size": 4,  # global batch 8 whatever the world size
+                "lora_dropout": 0.0,  # dropout masks would differ per process
+                "group_by_length": False,
+                # 24 train examples = 3 steps per epoch: 5 steps cross an epoch boundary (reshuffle)
+                "val_set_size": 8,
+                "max_steps": 5,
+                "eval_steps": 2,
+                "save_steps": 2,
+                "logging_steps": 1,
+                "load_best_model_at_end": False,
+                "learning_rate": 1e-2,
+                "lr_scheduler_type": "linear",
+                "warmup_steps": 1,
+                "lora_target_modules": "all-linear",
+            }
+        )
+    )
     one, t_one = _run([sys.executable, "-m", "lorakit.cli", "train", str(cfg), f"output_dir={work / 'one'}"], work)
     two, t_two = _torchrun(2, ["train", str(cfg), f"output_dir={work / 'two'}"], work)
     print(f"\n1 process: {t_one:.1f}s, 2 processes (torchrun): {t_two:.1f}s")
@@ -108,8 +151,12 @@ def test_two_processes_train_the_same_adapter_as_one(runs):
 
     # the same losses at every step, train and eval (eval is sharded across the 2 processes)
     def losses(out):
-        return [(r["step"], r.get("loss"), r.get("eval_loss")) for r in map(json.loads, (out / "train_log.jsonl").open())
-                if "loss" in r or "eval_loss" in r]
+        return [
+            (r["step"], r.get("loss"), r.get("eval_loss"))
+            for r in map(json.loads, (out / "train_log.jsonl").open())
+            if "loss" in r or "eval_loss" in r
+        ]
+
     l1, l2 = losses(runs["one"]), losses(runs["two"])
     assert [s for s, *_ in l1] == [s for s, *_ in l2]
     for (s, loss1, ev1), (_, loss2, ev2) in zip(l1, l2):
@@ -160,6 +207,7 @@ def test_only_rank_zero_writes(runs):
 
 def _free_port() -> int:
     import socket
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -170,10 +218,24 @@ def test_accelerate_launch_with_the_example_ddp_config(runs):
     console script the same way (MULTI_GPU is accelerate's torchrun launcher; without a GPU the
     Trainer uses the CPU and gloo) and trains the same adapter."""
     out = runs["work"] / "accel"
-    proc, took = _run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                       str(EXAMPLES / "accelerate_ddp.yaml"), "--num_processes", "2",
-                       "--main_process_port", str(_free_port()), *_lorakit_script(),
-                       "train", str(runs["cfg"]), f"output_dir={out}"], runs["work"])
+    proc, took = _run(
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            str(EXAMPLES / "accelerate_ddp.yaml"),
+            "--num_processes",
+            "2",
+            "--main_process_port",
+            str(_free_port()),
+            *_lorakit_script(),
+            "train",
+            str(runs["cfg"]),
+            f"output_dir={out}",
+        ],
+        runs["work"],
+    )
     print(f"\n2 processes (accelerate launch): {took:.1f}s")
     assert json.loads((out / "manifest.json").read_text())["world_size"] == 2
     a = load_file(str(runs["one"] / "adapter_model.safetensors"))
@@ -185,16 +247,32 @@ def test_accelerate_launch_with_the_example_ddp_config(runs):
 def test_batch_size_must_divide_by_world_size(runs):
     """batch_size 4 with micro_batch_size 4 cannot be split over 2 processes: a config error
     (exit 2, one line per process) before any model is loaded."""
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           *_lorakit_script(), "train", str(runs["cfg"]), "batch_size=4",
-                           f"output_dir={runs['work'] / 'bad'}"],
-                          cwd=runs["work"], env=_env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            *_lorakit_script(),
+            "train",
+            str(runs["cfg"]),
+            "batch_size=4",
+            f"output_dir={runs['work'] / 'bad'}",
+        ],
+        cwd=runs["work"],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode != 0
     assert "must be a multiple of micro_batch_size x world size (4 x 2)" in proc.stderr
     assert not (runs["work"] / "bad" / "manifest.json").exists()
 
 
 # ---- the example configs for GPUs (not run here: no GPU) load and agree with lorakit -----------
+
 
 def test_distributed_example_configs_are_valid():
     from accelerate.commands.config.config_args import ClusterConfig
@@ -231,8 +309,12 @@ def test_distributed_example_configs_are_valid():
         for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size"):
             assert ds_json[key] == "auto"
         assert ds_json["bf16"]["enabled"] == ds_json["fp16"]["enabled"] == "auto"
-    assert json.loads((EXAMPLES / "deepspeed_zero3.json").read_text())[
-        "zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
+    assert (
+        json.loads((EXAMPLES / "deepspeed_zero3.json").read_text())["zero_optimization"][
+            "stage3_gather_16bit_weights_on_model_save"
+        ]
+        is True
+    )
 
 
 def test_group_by_length_is_the_same_for_one_and_two_processes(runs):

@@ -1,17 +1,17 @@
 """Training you can leave running: guards, stopping, schedules, monitoring, LoRA variants."""
+
 import json
 
 import pytest
-from pydantic import ValidationError
 import torch
+from pydantic import ValidationError
 from safetensors.torch import load_file
+from test_recipe import cfg_for  # tests/train is on sys.path (rootdir import mode)
 
 from lorakit.errors import ConfigError
 from lorakit.train.callbacks import CHECKPOINT_MARKER, LossGuardCallback, read_train_log
 from lorakit.train.recipe import LoraFinetune, train
 from lorakit.train.trainer import TrainingDiverged, lora_norms
-
-from test_recipe import cfg_for  # tests/train is on sys.path (rootdir import mode)
 
 
 def test_nan_loss_stops_naming_the_step_and_keeps_last_good_checkpoint(tiny_model_dir, tmp_path):
@@ -25,6 +25,7 @@ def test_nan_loss_stops_naming_the_step_and_keeps_last_good_checkpoint(tiny_mode
     def poison(module, args, output):  # from the 5th forward pass on, the logits are NaN
         calls["n"] += 1
         return output * float("nan") if calls["n"] > 4 * run.grad_accum else output
+
     run.model.base_model.model.lm_head.register_forward_hook(poison)
     run.setup_trainer()
     with pytest.raises(TrainingDiverged, match=r"became nan at step 5.*checkpoint-4"):
@@ -38,6 +39,7 @@ def test_nan_loss_stops_naming_the_step_and_keeps_last_good_checkpoint(tiny_mode
 
 def test_loss_guard_warns_on_zero_loss_and_stops_at_loss(capsys):
     from transformers import TrainerControl, TrainerState
+
     guard = LossGuardCallback(zero_loss_warn_steps=3, stop_at_loss=0.5)
     state, control = TrainerState(), TrainerControl()
     for step in range(1, 4):
@@ -55,9 +57,19 @@ def test_stop_at_loss_ends_the_run_and_saves(tiny_model_dir, tmp_path):
 
 
 def test_early_stopping_keeps_the_best_adapter(tiny_model_dir, tmp_path):
-    manifest = train(cfg_for(tiny_model_dir, tmp_path, max_steps=40, learning_rate=1e-9, eval_steps=1,
-                             save_steps=1, early_stopping_patience=2, early_stopping_threshold=0.01,
-                             save_total_limit=2))
+    manifest = train(
+        cfg_for(
+            tiny_model_dir,
+            tmp_path,
+            max_steps=40,
+            learning_rate=1e-9,
+            eval_steps=1,
+            save_steps=1,
+            early_stopping_patience=2,
+            early_stopping_threshold=0.01,
+            save_total_limit=2,
+        )
+    )
     t = manifest["training"]
     assert t["global_steps"] == 3  # steps 2 and 3 do not improve on step 1 by the 0.01 min delta
     evals = read_eval(tmp_path)
@@ -78,11 +90,21 @@ def test_early_stopping_needs_validation(tiny_model_dir, tmp_path):
         cfg_for(tiny_model_dir, tmp_path, save_steps=3, eval_steps=2)
 
 
-@pytest.mark.parametrize("scheduler", ["linear", "cosine", "constant", "constant_with_warmup",
-                                       "inverse_sqrt", "polynomial"])
+@pytest.mark.parametrize(
+    "scheduler", ["linear", "cosine", "constant", "constant_with_warmup", "inverse_sqrt", "polynomial"]
+)
 def test_schedulers(tiny_model_dir, tmp_path, scheduler):
-    train(cfg_for(tiny_model_dir, tmp_path, max_steps=6, lr_scheduler_type=scheduler, warmup_steps=2,
-                  val_set_size=0, save_steps=100))
+    train(
+        cfg_for(
+            tiny_model_dir,
+            tmp_path,
+            max_steps=6,
+            lr_scheduler_type=scheduler,
+            warmup_steps=2,
+            val_set_size=0,
+            save_steps=100,
+        )
+    )
     lrs = [r["learning_rate"] for r in read_train_log(tmp_path / "out") if "learning_rate" in r]
     if scheduler == "constant":  # no warm-up by definition
         assert lrs == [pytest.approx(1e-2)] * len(lrs)
@@ -96,6 +118,7 @@ def test_schedulers(tiny_model_dir, tmp_path, scheduler):
 
 def test_tensorboard_has_the_scalars(tiny_model_dir, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     train(cfg_for(tiny_model_dir, tmp_path, max_steps=4, eval_steps=2, save_steps=2))
     events = list((tmp_path / "out" / "runs").rglob("events.out.tfevents.*"))
     assert events
@@ -104,8 +127,16 @@ def test_tensorboard_has_the_scalars(tiny_model_dir, tmp_path):
         acc = EventAccumulator(str(ev), size_guidance={"scalars": 0})
         acc.Reload()
         tags |= set(acc.Tags()["scalars"])
-    for tag in ["train/loss", "eval/loss", "train/learning_rate", "train/grad_norm", "train/tokens_per_s",
-                "train/lora_A_norm", "train/lora_B_norm", "train/lora_BA_norm"]:
+    for tag in [
+        "train/loss",
+        "eval/loss",
+        "train/learning_rate",
+        "train/grad_norm",
+        "train/tokens_per_s",
+        "train/lora_A_norm",
+        "train/lora_B_norm",
+        "train/lora_BA_norm",
+    ]:
         assert tag in tags, (tag, sorted(tags))
     per_layer = {t for t in tags if t.startswith("lora_norms/")}
     # 2 layers x (q_proj, v_proj) x (A, B, BA)
@@ -116,8 +147,11 @@ def test_tensorboard_has_the_scalars(tiny_model_dir, tmp_path):
 def test_lora_update_norm_matches_dense_product(tiny_model_dir):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
-                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], task_type="CAUSAL_LM"))
+
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], task_type="CAUSAL_LM"),
+    )
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "lora_B" in n:
@@ -128,19 +162,29 @@ def test_lora_update_norm_matches_dense_product(tiny_model_dir):
     assert norms["model.layers.0.self_attn.q_proj"][2] == pytest.approx(float(dense.norm()), rel=1e-4)
 
 
-@pytest.mark.parametrize("settings,check", [
-    ({"use_rslora": True}, lambda c, w: c["use_rslora"] is True),
-    ({"use_dora": True}, lambda c, w: c["use_dora"] is True and any("lora_magnitude_vector" in k for k in w)),
-    ({"rank_pattern": {"layers\\.0\\.self_attn\\.q_proj": 16}, "alpha_pattern": {"v_proj": 4}},
-     lambda c, w: w["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"].shape[0] == 16
-     and w["base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight"].shape[0] == 8
-     and c["alpha_pattern"] == {"v_proj": 4}),
-    ({"lora_bias": "lora_only"}, lambda c, w: c["bias"] == "lora_only"),
-    ({"modules_to_save": ["lm_head"]}, lambda c, w: any("lm_head" in k for k in w)),
-    ({"lora_target_modules": r".*layers\.1\.mlp\.(up|down)_proj"},
-     lambda c, w: {k.split(".")[-3] for k in w} == {"up_proj", "down_proj"}
-     and all(".layers.1." in k for k in w)),
-])
+@pytest.mark.parametrize(
+    "settings,check",
+    [
+        ({"use_rslora": True}, lambda c, w: c["use_rslora"] is True),
+        ({"use_dora": True}, lambda c, w: c["use_dora"] is True and any("lora_magnitude_vector" in k for k in w)),
+        (
+            {"rank_pattern": {"layers\\.0\\.self_attn\\.q_proj": 16}, "alpha_pattern": {"v_proj": 4}},
+            lambda c, w: (
+                w["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"].shape[0] == 16
+                and w["base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight"].shape[0] == 8
+                and c["alpha_pattern"] == {"v_proj": 4}
+            ),
+        ),
+        ({"lora_bias": "lora_only"}, lambda c, w: c["bias"] == "lora_only"),
+        ({"modules_to_save": ["lm_head"]}, lambda c, w: any("lm_head" in k for k in w)),
+        (
+            {"lora_target_modules": r".*layers\.1\.mlp\.(up|down)_proj"},
+            lambda c, w: (
+                {k.split(".")[-3] for k in w} == {"up_proj", "down_proj"} and all(".layers.1." in k for k in w)
+            ),
+        ),
+    ],
+)
 def test_lora_variants(tiny_model_dir, tmp_path, settings, check):
     train(cfg_for(tiny_model_dir, tmp_path, max_steps=2, val_set_size=0, save_steps=100, **settings))
     adapter_config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
@@ -157,10 +201,19 @@ def test_bad_patterns_fail_in_one_line(tiny_model_dir, tmp_path):
 
 def test_packed_training_matches_padded(tiny_model_dir, tmp_path):
     """Same examples, same steps: packing changes the batch layout, not what is learned."""
-    common = dict(max_steps=3, val_set_size=4, save_steps=100, eval_steps=100, lora_dropout=0.0,
-                  learning_rate=1e-3, load_best_model_at_end=False)
+    common = dict(
+        max_steps=3,
+        val_set_size=4,
+        save_steps=100,
+        eval_steps=100,
+        lora_dropout=0.0,
+        learning_rate=1e-3,
+        load_best_model_at_end=False,
+    )
     padded = train(cfg_for(tiny_model_dir, tmp_path / "a", output_dir=str(tmp_path / "a" / "out"), **common))
-    packed = train(cfg_for(tiny_model_dir, tmp_path / "b", output_dir=str(tmp_path / "b" / "out"), packing=True, **common))
+    packed = train(
+        cfg_for(tiny_model_dir, tmp_path / "b", output_dir=str(tmp_path / "b" / "out"), packing=True, **common)
+    )
     assert packed["training"]["train_loss"] == pytest.approx(padded["training"]["train_loss"], abs=1e-4)
     assert packed["training"]["eval_loss"] == pytest.approx(padded["training"]["eval_loss"], abs=1e-4)
     a = load_file(str(tmp_path / "a" / "out" / "adapter_model.safetensors"))
@@ -170,8 +223,9 @@ def test_packed_training_matches_padded(tiny_model_dir, tmp_path):
 
 @pytest.mark.parametrize("settings", [{"use_dora": True}, {"modules_to_save": ["lm_head"]}])
 def test_bf16_base_trains_fp32_weights_for_every_variant(tiny_model_dir, tmp_path, settings):
-    manifest = train(cfg_for(tiny_model_dir, tmp_path, precision="bf16", max_steps=2, val_set_size=0,
-                             save_steps=100, **settings))
+    manifest = train(
+        cfg_for(tiny_model_dir, tmp_path, precision="bf16", max_steps=2, val_set_size=0, save_steps=100, **settings)
+    )
     weights = load_file(str(tmp_path / "out" / "adapter_model.safetensors"))
     assert {t.dtype for t in weights.values()} == {torch.float32}
     assert manifest["verification"]["max_logit_diff"] <= 1e-4

@@ -1,5 +1,6 @@
 """train_log.jsonl says where a run is: step, total_steps, elapsed_s and remaining_s (the UI reads
 its progress from these, not from the progress bar's text)."""
+
 import pytest
 from test_recipe import cfg_for  # tests/train is on sys.path (rootdir import mode)
 

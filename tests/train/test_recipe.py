@@ -1,4 +1,5 @@
 """Training on a tiny random Llama: outputs, verification, atomic save, guards."""
+
 import json
 from pathlib import Path
 
@@ -17,16 +18,27 @@ from lorakit.train.save import AdapterVerificationError, verify_adapter
 def make_data(folder, n=24):
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "data.json"
-    path.write_text(json.dumps([{"instruction": f"What is {i} plus {i}?", "input": "", "output": str(2 * i)}
-                                for i in range(n)]))
+    path.write_text(
+        json.dumps([{"instruction": f"What is {i} plus {i}?", "input": "", "output": str(2 * i)} for i in range(n)])
+    )
     return path
 
 
 def cfg_for(model_dir, tmp_path, **kw):
-    base = dict(base_model=str(model_dir), data_path=str(make_data(tmp_path)),
-                output_dir=str(tmp_path / "out"), batch_size=4, micro_batch_size=2, max_steps=4,
-                learning_rate=1e-2, logging_steps=1, save_steps=2, eval_steps=2, val_set_size=4,
-                precision="fp32")
+    base = dict(
+        base_model=str(model_dir),
+        data_path=str(make_data(tmp_path)),
+        output_dir=str(tmp_path / "out"),
+        batch_size=4,
+        micro_batch_size=2,
+        max_steps=4,
+        learning_rate=1e-2,
+        logging_steps=1,
+        save_steps=2,
+        eval_steps=2,
+        val_set_size=4,
+        precision="fp32",
+    )
     base.update(kw)
     return TrainConfig(**base)
 
@@ -34,8 +46,15 @@ def cfg_for(model_dir, tmp_path, **kw):
 def test_train_writes_a_verified_adapter(tiny_model_dir, tmp_path):
     manifest = train(cfg_for(tiny_model_dir, tmp_path))
     out = tmp_path / "out"
-    for name in ["adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "lorakit_config.yaml",
-                 "lorakit_template.json", "manifest.json", "train_log.jsonl"]:
+    for name in [
+        "adapter_model.safetensors",
+        "adapter_config.json",
+        "tokenizer.json",
+        "lorakit_config.yaml",
+        "lorakit_template.json",
+        "manifest.json",
+        "train_log.jsonl",
+    ]:
         assert (out / name).is_file(), name
     saved = json.loads((out / "manifest.json").read_text())
     assert saved == json.loads(json.dumps(manifest))
@@ -56,8 +75,19 @@ def test_train_writes_a_verified_adapter(tiny_model_dir, tmp_path):
 
 
 def test_loss_falls_on_a_learnable_task(tiny_model_dir, tmp_path):
-    manifest = train(cfg_for(tiny_model_dir, tmp_path, max_steps=30, val_set_size=0, logging_steps=1, learning_rate=5e-2, lr_scheduler_type="constant",
-                             save_steps=100, lora_target_modules="all-linear"))
+    manifest = train(
+        cfg_for(
+            tiny_model_dir,
+            tmp_path,
+            max_steps=30,
+            val_set_size=0,
+            logging_steps=1,
+            learning_rate=5e-2,
+            lr_scheduler_type="constant",
+            save_steps=100,
+            lora_target_modules="all-linear",
+        )
+    )
     losses = [r["loss"] for r in read_train_log(tmp_path / "out") if "loss" in r]
     assert sum(losses[-5:]) / 5 < 0.9 * sum(losses[:5]) / 5, losses  # a random 2-layer model learns slowly
     assert manifest["lora"]["target_modules"] == "all-linear"
@@ -66,6 +96,7 @@ def test_loss_falls_on_a_learnable_task(tiny_model_dir, tmp_path):
 def test_failed_verification_leaves_no_adapter(tiny_model_dir, tmp_path, monkeypatch):
     def broken(*a, **k):
         raise AdapterVerificationError("simulated: logits differ")
+
     monkeypatch.setattr(save_mod, "verify_adapter", broken)
     with pytest.raises(AdapterVerificationError):
         train(cfg_for(tiny_model_dir, tmp_path))
@@ -78,8 +109,11 @@ def test_failed_verification_leaves_no_adapter(tiny_model_dir, tmp_path, monkeyp
 def test_untrained_adapter_is_reported_empty(tiny_model_dir, tmp_path):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
-                           LoraConfig(r=4, target_modules=["q_proj"], task_type="CAUSAL_LM"))
+
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+        LoraConfig(r=4, target_modules=["q_proj"], task_type="CAUSAL_LM"),
+    )
     model.save_pretrained(tmp_path / "a")
     with pytest.raises(AdapterVerificationError, match="lora_B weight is zero"):
         verify_adapter(model, tmp_path / "a", torch.tensor([[1, 2, 3]]))
@@ -105,6 +139,7 @@ def test_output_dir_guard_and_resume(tiny_model_dir, tmp_path):
 
 def test_relative_base_model_is_found_from_another_directory(tiny_model_dir, tmp_path, monkeypatch):
     from lorakit.infer.generate import recorded_base_model
+
     monkeypatch.chdir(tiny_model_dir.parent)
     train(cfg_for(tiny_model_dir.name, tmp_path))
     monkeypatch.chdir(tmp_path)
@@ -115,8 +150,11 @@ def test_verification_catches_a_corrupted_file_and_keeps_live_weights(tiny_model
     from peft import LoraConfig, get_peft_model
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
-                           LoraConfig(r=4, target_modules=["q_proj"], task_type="CAUSAL_LM"))
+
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+        LoraConfig(r=4, target_modules=["q_proj"], task_type="CAUSAL_LM"),
+    )
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "lora_B" in n:
@@ -147,6 +185,7 @@ def test_sharded_save_path_writes_a_checked_adapter(tiny_model_dir, tmp_path, mo
     assert not list(out.glob(".saving-*")) and not (out / "training_args.bin").exists()
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
+
     PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(out))
 
 
@@ -160,8 +199,9 @@ def test_bf16_training_keeps_fp32_adapter_and_verifies(tiny_model_dir, tmp_path)
 
 def test_eval_after_training_writes_a_report(tiny_model_dir, tmp_path):
     held = tmp_path / "held.jsonl"
-    held.write_text("".join(json.dumps({"question": f"Add {i} and {i}.", "answer": f"#### {2 * i}"}) + "\n"
-                            for i in range(3)))
+    held.write_text(
+        "".join(json.dumps({"question": f"Add {i} and {i}.", "answer": f"#### {2 * i}"}) + "\n" for i in range(3))
+    )
     manifest = train(cfg_for(tiny_model_dir, tmp_path, eval_data_path=str(held), eval_max_new_tokens=4))
     out = tmp_path / "out"
     assert (out / "eval" / "report.html").is_file()

@@ -3,6 +3,7 @@
 Each gets the training logs (loss, eval loss, mean LoRA norms, tokens/s), the per-layer LoRA
 norms and, at the end, the manifest's figures. The runs are read back from their local files.
 """
+
 from __future__ import annotations
 
 import json
@@ -13,23 +14,24 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_recipe import cfg_for  # tests/train is on sys.path (rootdir import mode)
 
 from lorakit.errors import ConfigError
 from lorakit.train.recipe import LoraFinetune, train
 from lorakit.train.trackers import manifest_figures
-
-from test_recipe import cfg_for  # tests/train is on sys.path (rootdir import mode)
 
 LAYER_METRIC = "lora_norms/model.layers.0.self_attn.q_proj/BA"
 
 
 def tracked_cfg(tiny_model_dir, tmp_path, **kw):
     # 3 steps, eval at step 2 and once more after training (step 3 is not an eval step)
-    return cfg_for(tiny_model_dir, tmp_path, max_steps=3, eval_steps=2, save_steps=2,
-                   load_best_model_at_end=False, **kw)
+    return cfg_for(
+        tiny_model_dir, tmp_path, max_steps=3, eval_steps=2, save_steps=2, load_best_model_at_end=False, **kw
+    )
 
 
 # ---- mlflow -----------------------------------------------------------------------------------
+
 
 def test_mlflow_run_has_losses_per_layer_norms_and_manifest_figures(tiny_model_dir, tmp_path, monkeypatch):
     mlflow = pytest.importorskip("mlflow", reason="mlflow is not installed (pip install -e '.[mlflow]')")
@@ -71,6 +73,7 @@ def test_mlflow_run_has_losses_per_layer_norms_and_manifest_figures(tiny_model_d
 
 # ---- wandb ------------------------------------------------------------------------------------
 
+
 def wandb_records(path: Path):
     """The records of an offline run's .wandb file (a LevelDB-style log of protobuf records)."""
     from wandb.proto import wandb_internal_pb2 as pb
@@ -82,11 +85,11 @@ def wandb_records(path: Path):
         if block - pos % block < 7:  # the tail of a block too short for a header is padding
             pos += block - pos % block
             continue
-        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
         if kind == 0:
             pos += block - pos % block
             continue
-        chunk += data[pos + 7:pos + 7 + length]
+        chunk += data[pos + 7 : pos + 7 + length]
         pos += 7 + length
         if kind in (1, 4):  # FULL, LAST
             record = pb.Record()
@@ -144,37 +147,74 @@ def test_wandb_offline_run_has_losses_per_layer_norms_and_manifest_figures(tiny_
 
 # ---- the figures, and backends that are not there ---------------------------------------------
 
+
 def test_manifest_figures_are_metrics_and_settings_are_params():
-    manifest = {"lorakit_version": "0.1.0", "created": "2026-01-01T00:00:00+00:00", "base_model": "m",
-                "data": {"path": "d.json", "sha256": "ab", "records": 10}, "precision": "fp32",
-                "parameters": {"trainable": 100, "total": 1000},
-                "lora": {"r": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj"]},
-                "training": {"train_loss": 1.5, "eval_loss": None, "wall_s": 2.0, "tokens_per_s": 50.0,
-                             "best_checkpoint": None, "peak_memory_kind": "process_rss"},
-                "verification": {"max_logit_diff": 0.0, "tensors": 8},
-                "eval": {"report": "out/eval/report.json",
-                         "scores": {"adapter": {"test": {"bleu": 12.5, "loss": 0.9}}}},
-                "libraries": {"torch": "2"}}
+    manifest = {
+        "lorakit_version": "0.1.0",
+        "created": "2026-01-01T00:00:00+00:00",
+        "base_model": "m",
+        "data": {"path": "d.json", "sha256": "ab", "records": 10},
+        "precision": "fp32",
+        "parameters": {"trainable": 100, "total": 1000},
+        "lora": {"r": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj"]},
+        "training": {
+            "train_loss": 1.5,
+            "eval_loss": None,
+            "wall_s": 2.0,
+            "tokens_per_s": 50.0,
+            "best_checkpoint": None,
+            "peak_memory_kind": "process_rss",
+        },
+        "verification": {"max_logit_diff": 0.0, "tensors": 8},
+        "eval": {"report": "out/eval/report.json", "scores": {"adapter": {"test": {"bleu": 12.5, "loss": 0.9}}}},
+        "libraries": {"torch": "2"},
+    }
     metrics, params = manifest_figures(manifest)
-    assert metrics == {"parameters/trainable": 100.0, "parameters/total": 1000.0,
-                       "training/train_loss": 1.5, "training/wall_s": 2.0, "training/tokens_per_s": 50.0,
-                       "verification/max_logit_diff": 0.0, "verification/tensors": 8.0,
-                       "eval/scores/adapter/test/bleu": 12.5, "eval/scores/adapter/test/loss": 0.9}
-    assert params == {"lorakit_version": "0.1.0", "base_model": "m", "data/path": "d.json", "data/sha256": "ab",
-                      "data/records": "10", "precision": "fp32", "lora/r": "8", "lora/alpha": "16",
-                      "lora/target_modules": "q_proj,v_proj", "training/peak_memory_kind": "process_rss",
-                      "eval/report": "out/eval/report.json"}
+    assert metrics == {
+        "parameters/trainable": 100.0,
+        "parameters/total": 1000.0,
+        "training/train_loss": 1.5,
+        "training/wall_s": 2.0,
+        "training/tokens_per_s": 50.0,
+        "verification/max_logit_diff": 0.0,
+        "verification/tensors": 8.0,
+        "eval/scores/adapter/test/bleu": 12.5,
+        "eval/scores/adapter/test/loss": 0.9,
+    }
+    assert params == {
+        "lorakit_version": "0.1.0",
+        "base_model": "m",
+        "data/path": "d.json",
+        "data/sha256": "ab",
+        "data/records": "10",
+        "precision": "fp32",
+        "lora/r": "8",
+        "lora/alpha": "16",
+        "lora/target_modules": "q_proj,v_proj",
+        "training/peak_memory_kind": "process_rss",
+        "eval/report": "out/eval/report.json",
+    }
 
 
 def lorakit_train(tmp_path, tiny_model_dir, *overrides, pythonpath=None):
     from test_recipe import make_data
+
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "COLUMNS": "200"}
     if pythonpath:
         env["PYTHONPATH"] = os.pathsep.join([str(pythonpath), env.get("PYTHONPATH", "")])
-    (tmp_path / "c.yaml").write_text(f"base_model: {tiny_model_dir}\ndata_path: {make_data(tmp_path)}\n"
-                                     "output_dir: out\nbatch_size: 2\nmicro_batch_size: 2\nmax_steps: 1\n")
-    return subprocess.run([sys.executable, "-m", "lorakit.cli", "train", "c.yaml", *overrides], check=False,
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    (tmp_path / "c.yaml").write_text(
+        f"base_model: {tiny_model_dir}\ndata_path: {make_data(tmp_path)}\n"
+        "output_dir: out\nbatch_size: 2\nmicro_batch_size: 2\nmax_steps: 1\n"
+    )
+    return subprocess.run(
+        [sys.executable, "-m", "lorakit.cli", "train", "c.yaml", *overrides],
+        check=False,
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def assert_one_error_line(r, *needles):
@@ -192,9 +232,14 @@ def test_unknown_tracker_is_one_error_line_before_any_model(tmp_path, tiny_model
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("backend, settings, key", [("mlflow", {"report_to": ["mlflow"]}, "report_to"),
-                                                    ("wandb", {"report_to": ["wandb"]}, "report_to"),
-                                                    ("wandb", {"wandb_project": "p"}, "wandb_project")])
+@pytest.mark.parametrize(
+    "backend, settings, key",
+    [
+        ("mlflow", {"report_to": ["mlflow"]}, "report_to"),
+        ("wandb", {"report_to": ["wandb"]}, "report_to"),
+        ("wandb", {"wandb_project": "p"}, "wandb_project"),
+    ],
+)
 def test_uninstalled_tracker_fails_the_check(tmp_path, tiny_model_dir, monkeypatch, backend, settings, key):
     monkeypatch.setitem(sys.modules, backend, None)  # find_spec(name) is None: as if not installed
     run = LoraFinetune(cfg_for(tiny_model_dir, tmp_path, **settings))

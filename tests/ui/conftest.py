@@ -1,4 +1,5 @@
 """Fixtures for the `lorakit ui` tests: a workdir holding the tiny model, and small data."""
+
 from __future__ import annotations
 
 import json
@@ -11,8 +12,9 @@ from lorakit.ui.workdir import Workdir
 
 
 def alpaca_records(n: int = 24) -> list[dict]:
-    return [{"instruction": f"What is {i} plus {i}?", "input": "", "output": f"{i} plus {i} is {2 * i}."}
-            for i in range(n)]
+    return [
+        {"instruction": f"What is {i} plus {i}?", "input": "", "output": f"{i} plus {i} is {2 * i}."} for i in range(n)
+    ]
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@ The browser is Debian's package, never Playwright's download: the set-up below i
 with apt-get when it is missing and this user may (root, or sudo without a password). Without
 it the test is skipped with the reason, except where LORAKIT_REQUIRE_BROWSER=1 (CI): then it fails.
 """
+
 from __future__ import annotations
 
 import json
@@ -25,8 +26,14 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 CHROMIUM = Path("/usr/bin/chromium")
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-        "--disable-sync", "--no-first-run"]
+ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 TIMEOUT_MS = 60_000
 
 pytestmark = pytest.mark.timeout(600)
@@ -96,10 +103,21 @@ def server(tmp_path_factory, tiny_model_dir):
     shutil.copytree(tiny_model_dir, workdir / "models" / "tiny-llama")
     port = _free_port()
     log = (root / "ui.log").open("wb")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "LORAKIT_HOME": str(root / "lorakit-home"), "GRADIO_ANALYTICS_ENABLED": "False"}
-    proc = subprocess.Popen([sys.executable, "-m", "lorakit.cli", "ui", "--workdir", str(workdir), "--port", str(port)],
-                            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=root)
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "LORAKIT_HOME": str(root / "lorakit-home"),
+        "GRADIO_ANALYTICS_ENABLED": "False",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lorakit.cli", "ui", "--workdir", str(workdir), "--port", str(port)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+        cwd=root,
+    )
     url = f"http://127.0.0.1:{port}/"
     deadline = time.time() + 120
     while True:
@@ -134,8 +152,14 @@ def test_train_chat_compare_in_a_browser(browser, server, tmp_path):
     shots = _artifacts()
     (shots / "failure.png").unlink(missing_ok=True)  # from an earlier failed run
     good = tmp_path / "sums.json"
-    good.write_text(json.dumps([{"instruction": f"What is {i} plus {i}?", "input": "",
-                                 "output": f"{i} plus {i} is {2 * i}."} for i in range(24)]))
+    good.write_text(
+        json.dumps(
+            [
+                {"instruction": f"What is {i} plus {i}?", "input": "", "output": f"{i} plus {i} is {2 * i}."}
+                for i in range(24)
+            ]
+        )
+    )
     bad = tmp_path / "broken.json"
     bad.write_text('[{"instruction": "no answer field"}]')
 

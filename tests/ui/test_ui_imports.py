@@ -1,6 +1,7 @@
 """The page imports without the training package: it only starts `lorakit train` processes and
 reads their run folders (file names from lorakit.runfolder), so a broken or heavy Trainer import
 never keeps the page from opening."""
+
 import subprocess
 import sys
 

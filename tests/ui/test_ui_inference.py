@@ -1,10 +1,11 @@
 """Chat, Compare and Models logic: one base in memory, adapters by name; the preview; eval and merge."""
+
 import json
 
 import pytest
 import yaml
-
 from random_adapter import make_random_adapter
+
 from lorakit.data.records import Turn
 from lorakit.errors import LorakitError
 from lorakit.infer.generate import GenerationParams, Generator
@@ -24,8 +25,9 @@ def adapters(workdir, tiny_base):
     run = workdir.adapters_dir / "two"
     ckpt = make_random_adapter(tiny_base, run / "checkpoint-4", seed=2)
     (ckpt / CHECKPOINT_MARKER).write_text("{}")
-    (run / "lorakit_config.yaml").write_text(yaml.safe_dump({"base_model": tiny_base,
-                                                             "prompt_template_name": "alpaca_short"}))
+    (run / "lorakit_config.yaml").write_text(
+        yaml.safe_dump({"base_model": tiny_base, "prompt_template_name": "alpaca_short"})
+    )
     return workdir
 
 
@@ -39,7 +41,8 @@ def test_session_answers_like_lorakit_generate(adapters, tiny_base):
     assert tuned == reference.generate("What is 2 plus 2?", params=GREEDY)
     alpaca = session.template_for(one)
     assert session.answer(base, "What is 2 plus 2?", params=GREEDY, template=alpaca) == reference.generate(
-        "What is 2 plus 2?", params=GREEDY, use_adapter=False)
+        "What is 2 plus 2?", params=GREEDY, use_adapter=False
+    )
     assert session.base == tiny_base and list(session.adapters) == ["one"]
 
 
@@ -62,8 +65,11 @@ def test_stream_reports_errors(adapters, tiny_base):
 
 def test_compare_uses_one_template_and_checkpoints_load(adapters, tiny_base):
     session = ModelSession()
-    speakers = [speaker_for(adapters, None, tiny_base), speaker_for(adapters, "one", tiny_base),
-                speaker_for(adapters, "two/checkpoint-4", tiny_base)]
+    speakers = [
+        speaker_for(adapters, None, tiny_base),
+        speaker_for(adapters, "one", tiny_base),
+        speaker_for(adapters, "two/checkpoint-4", tiny_base),
+    ]
     results = list(session.compare(speakers, "Who are you?", params=GREEDY))
     assert [i for i, _, _ in results] == [0, 1, 2]
     assert {name for _, _, name in results} == {"alpaca"}  # the first adapter's (the default)
@@ -103,8 +109,9 @@ def test_preview_marks_the_trained_part(workdir, tiny_base, alpaca_file):
 
 def test_evaluate_and_merge_into_the_workdir(adapters, tiny_base, alpaca_file):
     data = adapters.save_upload(alpaca_file)
-    result = run_evaluation(adapters, [str(data)], ["one"], None, metrics=["contains", "f1"], limit=2,
-                            max_new_tokens=4)
+    result = run_evaluation(
+        adapters, [str(data)], ["one"], None, metrics=["contains", "f1"], limit=2, max_new_tokens=4
+    )
     assert result.headers[:2] == ["model", "set"] and "contains" in result.headers
     assert [row[0] for row in result.rows] == ["base", "one"]
     assert result.html.is_file() and result.command.startswith("lorakit eval --data ")

@@ -1,9 +1,10 @@
 """The workdir: datasets (uploads checked like training data), the demo data, adapters and base models."""
+
 import json
 
 import pytest
-
 from random_adapter import make_random_adapter
+
 from lorakit.errors import DataError, LorakitError
 from lorakit.runfolder import CHECKPOINT_MARKER
 from lorakit.ui.workdir import DEMO_HELDOUT, DEMO_TRAIN, check_name
@@ -30,12 +31,15 @@ def test_upload_is_checked_and_copied(workdir, alpaca_file, tmp_path):
     assert workdir.save_upload(other).name == "sums-1.json"
 
 
-@pytest.mark.parametrize("name, content, expected", [
-    ("bad.json", '[{"instruction": "hi"}]', "bad.json: record 0: cannot tell the data format"),
-    ("broken.jsonl", '{"instruction": "a", "output": "b"}\n{"instruction": ', "broken.jsonl: line 2"),
-    ("notes.txt", "hello", "notes.txt: unsupported file kind '.txt'"),
-    ("empty.json", "[]", "empty.json"),
-])
+@pytest.mark.parametrize(
+    "name, content, expected",
+    [
+        ("bad.json", '[{"instruction": "hi"}]', "bad.json: record 0: cannot tell the data format"),
+        ("broken.jsonl", '{"instruction": "a", "output": "b"}\n{"instruction": ', "broken.jsonl: line 2"),
+        ("notes.txt", "hello", "notes.txt: unsupported file kind '.txt'"),
+        ("empty.json", "[]", "empty.json"),
+    ],
+)
 def test_bad_upload_names_the_file_and_record(workdir, tmp_path, name, content, expected):
     upload = tmp_path / "gradio-temp-123" / name  # gradio keeps the name under a temp folder
     upload.parent.mkdir()
@@ -56,10 +60,17 @@ def _checkpoint(run, step, tiny_model_dir, complete=True):
 
 def test_adapters_finished_unfinished_and_plain_peft(workdir, tiny_model_dir):
     done = make_random_adapter(tiny_model_dir, workdir.adapters_dir / "done")
-    (done / "manifest.json").write_text(json.dumps({
-        "base_model": str(tiny_model_dir), "created": "2025-01-01T10:00:00+00:00",
-        "data": {"path": "/x/sums.json", "records": 24}, "lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj"]},
-        "training": {"global_steps": 6, "eval_loss": None}}))
+    (done / "manifest.json").write_text(
+        json.dumps(
+            {
+                "base_model": str(tiny_model_dir),
+                "created": "2025-01-01T10:00:00+00:00",
+                "data": {"path": "/x/sums.json", "records": 24},
+                "lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj"]},
+                "training": {"global_steps": 6, "eval_loss": None},
+            }
+        )
+    )
     (done / "lorakit_config.yaml").write_text(f"base_model: {tiny_model_dir}\nlora_r: 4\n")
     (done / "train_log.jsonl").write_text('{"step": 5, "loss": 2.5}\n{"step": 6, "loss": 2.25}\n')
     stopped = workdir.adapters_dir / "stopped"
@@ -78,8 +89,12 @@ def test_adapters_finished_unfinished_and_plain_peft(workdir, tiny_model_dir):
     assert sorted(keys) == ["done", "plain", "stopped/checkpoint-2"]
     assert workdir.resolve_adapter("stopped/checkpoint-2") == (stopped / "checkpoint-2").resolve()
 
-    row = dict(zip(["name", "status", "base", "data", "lora", "steps", "loss", "eval", "created"],
-                   by_name["done"].summary_row()))
+    row = dict(
+        zip(
+            ["name", "status", "base", "data", "lora", "steps", "loss", "eval", "created"],
+            by_name["done"].summary_row(),
+        )
+    )
     assert row["status"] == "trained" and row["data"] == "sums.json (24 records)" and row["steps"] == 6
     assert row["loss"] == 2.25 and row["lora"] == "r=4 alpha=8 q_proj"
     assert by_name["stopped"].summary_row()[1] == "unfinished (checkpoint-2)"

@@ -1,4 +1,5 @@
 """`lorakit data check`: what the trainer will see, before any training starts."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -45,17 +46,24 @@ class DataReport:
         ]
 
 
-def check_data(data: LoadedData, tokenizer, template: PromptTemplate, cutoff_len: int,
-               train_on_inputs: bool = False) -> DataReport:
+def check_data(
+    data: LoadedData, tokenizer, template: PromptTemplate, cutoff_len: int, train_on_inputs: bool = False
+) -> DataReport:
     encode = ExampleTokenizer(tokenizer, template, cutoff_len, train_on_inputs=train_on_inputs)
     _, stats = encode.map(data.examples)
     lengths = sorted(stats.lengths)
     pcts = {f"p{q}": percentile(lengths, q) for q in (50, 90, 95, 99)}
     pcts["max"] = lengths[-1] if lengths else 0
     return DataReport(
-        path=str(data.path), format=data.format, records=len(data.examples),
+        path=str(data.path),
+        format=data.format,
+        records=len(data.examples),
         with_input=sum(1 for e in data.examples if e.input),
         multi_turn=sum(1 for e in data.examples if len(e.turns) > 2),
-        template=template.name, cutoff_len=cutoff_len, percentiles=pcts,
-        over_cutoff=stats.truncated, dropped=stats.dropped,
-        trained_token_share=stats.trained_tokens / max(stats.total_tokens, 1))
+        template=template.name,
+        cutoff_len=cutoff_len,
+        percentiles=pcts,
+        over_cutoff=stats.truncated,
+        dropped=stats.dropped,
+        trained_token_share=stats.trained_tokens / max(stats.total_tokens, 1),
+    )

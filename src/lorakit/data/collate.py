@@ -15,6 +15,7 @@ cache is passed, and ``config.use_cache=True`` (Llama's default) makes the model
 after which the examples silently attend to each other. Models with their own (remote) code may
 ignore position_ids altogether. So ``packing_supported`` measures it on the model itself.
 """
+
 from __future__ import annotations
 
 import torch
@@ -29,10 +30,14 @@ def build_collator(tokenizer, packing: bool, pad_to_multiple_of: int = 8):
 
     if packing:
         # Drops attention_mask on purpose: a mask would turn the packed-sequence detection off.
-        return DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE_INDEX,
-                                          return_tensors="pt")
-    return DataCollatorForSeq2Seq(tokenizer, padding=True, pad_to_multiple_of=pad_to_multiple_of,
-                                  label_pad_token_id=IGNORE_INDEX, return_tensors="pt")
+        return DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE_INDEX, return_tensors="pt")
+    return DataCollatorForSeq2Seq(
+        tokenizer,
+        padding=True,
+        pad_to_multiple_of=pad_to_multiple_of,
+        label_pad_token_id=IGNORE_INDEX,
+        return_tensors="pt",
+    )
 
 
 def _attn_name(model) -> str:
@@ -55,8 +60,10 @@ def packing_supported(model, atol: float = 1e-3) -> tuple[bool, str]:
     was_training = model.training
     model.eval()  # no dropout in the probe
     try:
-        outs = [model(input_ids=torch.cat([first, c])[None].to(device), position_ids=pos).logits[0, 5:].float()
-                for first in (a, b)]
+        outs = [
+            model(input_ids=torch.cat([first, c])[None].to(device), position_ids=pos).logits[0, 5:].float()
+            for first in (a, b)
+        ]
     except Exception as e:  # e.g. remote code without position_ids
         first_line = (str(e).strip().splitlines() or [""])[0]
         return False, f"the model ({impl} attention) cannot run a packed batch: {type(e).__name__}: {first_line}"
@@ -66,8 +73,10 @@ def packing_supported(model, atol: float = 1e-3) -> tuple[bool, str]:
     if diff > atol * (1 + outs[1].abs().max().item()):
         # The usual cause: with a KV cache transformers skips the packed-sequence mask.
         cause = " because model.config.use_cache is on" if getattr(model.config, "use_cache", False) else ""
-        return False, (f"the model's {impl} attention lets packed examples attend to each other{cause} "
-                       f"(logits moved by {diff:.3g})")
+        return False, (
+            f"the model's {impl} attention lets packed examples attend to each other{cause} "
+            f"(logits moved by {diff:.3g})"
+        )
     return True, ""
 
 

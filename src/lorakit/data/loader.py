@@ -12,6 +12,7 @@ Text is kept verbatim (no stripping); only an input/context that is blank become
 CSV is read with the stdlib ``csv`` module so every cell stays text ("001", "NA" are not
 turned into numbers or nulls); Parquet with pyarrow.
 """
+
 from __future__ import annotations
 
 import csv
@@ -62,8 +63,11 @@ def load_examples(path: str | Path, data_format: str | None = None) -> LoadedDat
         raise DataError(path, "is a directory; give a data file")
     kind = _KINDS.get(path.suffix.lower())
     if kind is None:
-        raise DataError(path, f"unsupported file kind {path.suffix or '(no extension)'!r}; "
-                              "use .json, .jsonl (or .ndjson), .csv or .parquet")
+        raise DataError(
+            path,
+            f"unsupported file kind {path.suffix or '(no extension)'!r}; "
+            "use .json, .jsonl (or .ndjson), .csv or .parquet",
+        )
     try:
         data = path.read_bytes()
     except OSError as e:
@@ -92,8 +96,9 @@ def detect_format(record: dict) -> str | None:
     return None
 
 
-def examples_from_records(records: list, data_format: str | None = None, path: str | Path = "<records>",
-                          locators: list[str] | None = None) -> tuple[list[Example], str]:
+def examples_from_records(
+    records: list, data_format: str | None = None, path: str | Path = "<records>", locators: list[str] | None = None
+) -> tuple[list[Example], str]:
     """Convert records (dicts) into Examples; the format is detected from the first record
     unless given. ``locators`` name the records in errors and ``Example.source``
     (default "record N")."""
@@ -121,12 +126,14 @@ def examples_from_records(records: list, data_format: str | None = None, path: s
 
 # ---- readers: bytes -> [(locator, record)] ----------------------------------------------
 
+
 def _decode(path, data: bytes) -> str:
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise DataError(path, f"not valid UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start}); "
-                              "save the file as UTF-8") from None
+        raise DataError(
+            path, f"not valid UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start}); save the file as UTF-8"
+        ) from None
     return text.removeprefix("\ufeff")  # accept a UTF-8 BOM
 
 
@@ -167,8 +174,11 @@ def _read_csv(path, data):
     try:
         for n, row in enumerate(reader, 1):  # DictReader skips blank lines
             if None in row or None in row.values():
-                raise DataError(path, f"the number of cells differs from the header's "
-                                      f"{len(reader.fieldnames)} columns", record=f"row {n}")
+                raise DataError(
+                    path,
+                    f"the number of cells differs from the header's {len(reader.fieldnames)} columns",
+                    record=f"row {n}",
+                )
             items.append((f"row {n}", row))
     except csv.Error as e:
         raise DataError(path, f"invalid CSV at line {reader.line_num}: {_one_line(e)}") from None
@@ -191,6 +201,7 @@ _READERS = {"json": _read_json, "jsonl": _read_jsonl, "csv": _read_csv, "parquet
 
 
 # ---- converters: record -> Example (raise _Bad) ------------------------------------------
+
 
 def _str(record, key, fmt, required=True, nonempty=False) -> str:
     """A string field; an optional field that is missing or null gives ""."""
@@ -238,8 +249,9 @@ def _dolly(record) -> Example:
     instruction = _str(record, "instruction", "dolly", nonempty=True)
     context = _str(record, "context", "dolly", required=False)
     response = _str(record, "response", "dolly")
-    return Example(turns=[Turn("user", instruction), Turn("assistant", response)],
-                   input=context if context.strip() else "")
+    return Example(
+        turns=[Turn("user", instruction), Turn("assistant", response)], input=context if context.strip() else ""
+    )
 
 
 def _qa(record) -> Example:
@@ -288,8 +300,10 @@ def _chat(record, key, role_key, content_key, roles, system) -> Example:
             continue
         expected = "user" if len(turns) % 2 == 0 else "assistant"
         if role != expected:
-            raise _Bad(f"{where}: expected {'a user' if expected == 'user' else 'an assistant'} turn, "
-                       f"got {role}; turns must alternate user/assistant, starting with user")
+            raise _Bad(
+                f"{where}: expected {'a user' if expected == 'user' else 'an assistant'} turn, "
+                f"got {role}; turns must alternate user/assistant, starting with user"
+            )
         turns.append(Turn(role, content))
     if not turns:
         raise _Bad(f"{key} has no user/assistant turns")
@@ -307,16 +321,21 @@ _CONVERT = {"alpaca": _alpaca, "dolly": _dolly, "messages": _messages, "sharegpt
 
 # ---- helpers ----------------------------------------------------------------------------
 
+
 def _check_format(data_format):
     if data_format is not None and data_format not in FORMATS:
-        raise ConfigError(f"data_format {_short(data_format)} is not known; use one of "
-                          f"{', '.join(FORMATS)}, or leave it unset to detect it")
+        raise ConfigError(
+            f"data_format {_short(data_format)} is not known; use one of "
+            f"{', '.join(FORMATS)}, or leave it unset to detect it"
+        )
 
 
 def _undetected(record) -> str:
     known = "; ".join(f"{f} ({_NEEDS[f]})" for f in FORMATS)
-    return (f"cannot tell the data format: the record has {_keys(record)}; "
-            f"known formats: {known}; rename the fields to match one")
+    return (
+        f"cannot tell the data format: the record has {_keys(record)}; "
+        f"known formats: {known}; rename the fields to match one"
+    )
 
 
 def _keys(d: dict) -> str:

@@ -3,6 +3,7 @@
 Every file format (Alpaca, Dolly, chat messages, ShareGPT, plain text) is converted once into
 ``Example``; templates, tokenization and evaluation only ever see this shape.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

@@ -13,6 +13,7 @@ as well as at EOS. The adapter folder records the template (``lorakit_template.j
 The template policy (``resolve_template``) is the one rule every path uses to pick a template:
 generate, chat, compare, eval, serve, the UI and export. See TEMPLATE_POLICY below.
 """
+
 from __future__ import annotations
 
 import json
@@ -67,8 +68,9 @@ class PromptTemplate:
     stop: tuple[str, ...] | None = None  # turn markers given by the template file; None = derived
 
     # ---- inference ---------------------------------------------------------------------------
-    def build_prompt(self, instruction: str, input: str = "", history: list[Turn] | None = None,
-                     system: str = "", tokenizer=None) -> str:
+    def build_prompt(
+        self, instruction: str, input: str = "", history: list[Turn] | None = None, system: str = "", tokenizer=None
+    ) -> str:
         """The text the model sees before it answers ``instruction``."""
         turns = list(history or []) + [Turn("user", instruction)]
         example = Example(turns=turns, input=input if not history else "", system=system)
@@ -81,7 +83,7 @@ class PromptTemplate:
             return text.split(self.response_split)[-1].strip()
         return text.strip()
 
-    def stops(self, tokenizer=None) -> "Stops":
+    def stops(self, tokenizer=None) -> Stops:
         """Where a turn ends: the strings and token ids at which generation must stop."""
         if self.kind == "chat":
             markers = list(self.stop) if self.stop is not None else _chat_end_of_turn(self, tokenizer)
@@ -140,9 +142,9 @@ class PromptTemplate:
         return messages
 
     def _apply_chat(self, tokenizer, messages, add_generation_prompt: bool) -> str:
-        return tokenizer.apply_chat_template(messages, tokenize=False,
-                                             add_generation_prompt=add_generation_prompt,
-                                             chat_template=self.chat_template)
+        return tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt, chat_template=self.chat_template
+        )
 
     def _render_chat(self, example: Example, tokenizer, for_generation: bool) -> list[Segment]:
         if tokenizer is None:
@@ -169,8 +171,9 @@ class PromptTemplate:
         if not full.startswith(prefix):
             raise ConfigError(
                 f"template '{self.name}': the tokenizer's chat template does not render turns "
-                "incrementally, so the trained part cannot be separated; use an alpaca template")
-        return full[len(prefix):]
+                "incrementally, so the trained part cannot be separated; use an alpaca template"
+            )
+        return full[len(prefix) :]
 
     # ---- record ------------------------------------------------------------------------------
     def to_record(self) -> dict[str, Any]:
@@ -195,16 +198,20 @@ class Stops:
     """Where generation stops besides EOS: text markers (cut from the answer, never streamed)
     and the token ids of markers that are one special token (skipped when decoding, so they are
     caught by id, like EOS)."""
+
     strings: tuple[str, ...] = ()
     token_ids: tuple[int, ...] = ()
 
     @classmethod
-    def of(cls, markers: list[str], tokenizer=None) -> "Stops":
+    def of(cls, markers: list[str], tokenizer=None) -> Stops:
         ids: list[int] = []
         if tokenizer is not None:
             special = set(getattr(tokenizer, "all_special_tokens", []) or [])
-            special |= {str(t) for t in (getattr(tokenizer, "added_tokens_decoder", None) or {}).values()
-                        if getattr(t, "special", False)}
+            special |= {
+                str(t)
+                for t in (getattr(tokenizer, "added_tokens_decoder", None) or {}).values()
+                if getattr(t, "special", False)
+            }
             for m in markers:
                 if m in special:
                     tid = tokenizer.convert_tokens_to_ids(m)
@@ -233,7 +240,7 @@ def _chat_end_of_turn(template: PromptTemplate, tokenizer) -> list[str]:
             text = template._apply_chat(tokenizer, msgs + [{"role": "user", "content": again}], False)
             between = text.split(answer, 1)[1].split(again, 1)[0] if answer in text and again in text else ""
             after = between.strip().splitlines()[0].strip() if between.strip() else ""
-    except Exception:  # noqa: BLE001 - a template that cannot render this has no marker we can find
+    except Exception:
         return []
     eot = after.split()[0] if after else ""  # '<|im_end|>' of '<|im_end|>' (+ a newline)
     return [eot] if eot else []
@@ -244,11 +251,20 @@ def template_from_record(rec: dict[str, Any]) -> PromptTemplate:
     stop = rec.get("stop")
     stop = tuple(str(s) for s in stop if str(s)) if isinstance(stop, list) else None
     if kind == "chat":
-        return PromptTemplate(name=rec.get("name", "chat"), kind="chat", description=rec.get("description", ""),
-                              chat_template=rec.get("chat_template"), stop=stop)
-    return PromptTemplate(name=rec.get("name", "custom"), kind="alpaca",
-                          description=rec.get("description", ""), stop=stop,
-                          **{k: rec[k] for k in _TEMPLATE_KEYS})
+        return PromptTemplate(
+            name=rec.get("name", "chat"),
+            kind="chat",
+            description=rec.get("description", ""),
+            chat_template=rec.get("chat_template"),
+            stop=stop,
+        )
+    return PromptTemplate(
+        name=rec.get("name", "custom"),
+        kind="alpaca",
+        description=rec.get("description", ""),
+        stop=stop,
+        **{k: rec[k] for k in _TEMPLATE_KEYS},
+    )
 
 
 def _read_template_file(path: Path, name: str) -> PromptTemplate:
@@ -265,8 +281,10 @@ def _read_template_file(path: Path, name: str) -> PromptTemplate:
         raise ConfigError(f"prompt template {path}: 'stop' must be a list of non-empty strings (the turn markers)")
     for key in _TEMPLATE_KEYS:
         if not isinstance(rec.get(key), str):
-            raise ConfigError(f"prompt template {path}: missing or non-string key '{key}' "
-                              f"(a template needs {', '.join(_TEMPLATE_KEYS)})")
+            raise ConfigError(
+                f"prompt template {path}: missing or non-string key '{key}' "
+                f"(a template needs {', '.join(_TEMPLATE_KEYS)})"
+            )
     if "{instruction}" not in rec["prompt_no_input"] or "{instruction}" not in rec["prompt_input"]:
         raise ConfigError(f"prompt template {path}: prompt_input and prompt_no_input must contain {{instruction}}")
     rec = {**rec, "name": rec.get("name", name), "kind": "alpaca"}
@@ -278,18 +296,23 @@ def load_template(name_or_path: str, tokenizer=None) -> PromptTemplate:
     if name_or_path == "chat":
         chat_template = getattr(tokenizer, "chat_template", None) if tokenizer is not None else None
         if tokenizer is not None and not chat_template:
-            raise ConfigError("prompt_template_name: 'chat' needs a tokenizer with a chat template, "
-                              "and this model's tokenizer has none; use alpaca")
-        return PromptTemplate(name="chat", kind="chat",
-                              description="The tokenizer's own chat template.", chat_template=chat_template)
+            raise ConfigError(
+                "prompt_template_name: 'chat' needs a tokenizer with a chat template, "
+                "and this model's tokenizer has none; use alpaca"
+            )
+        return PromptTemplate(
+            name="chat", kind="chat", description="The tokenizer's own chat template.", chat_template=chat_template
+        )
     builtin = BUILTIN_DIR / f"{name_or_path}.json"
     if "/" not in name_or_path and builtin.is_file():
         return _read_template_file(builtin, name_or_path)
     path = Path(name_or_path)
     if path.is_file():
         return _read_template_file(path, path.stem)
-    raise ConfigError(f"prompt_template_name: '{name_or_path}' is neither a built-in template "
-                      f"({', '.join(builtin_template_names())}) nor a template file")
+    raise ConfigError(
+        f"prompt_template_name: '{name_or_path}' is neither a built-in template "
+        f"({', '.join(builtin_template_names())}) nor a template file"
+    )
 
 
 def template_for_folder(folder: str | Path) -> PromptTemplate | None:
@@ -316,8 +339,9 @@ def recorded_template(folder: str | Path, tokenizer=None) -> PromptTemplate | No
     return load_template(str(name), tokenizer) if name else None
 
 
-def resolve_template(*, name: str | None = None, adapter: str | Path | None = None,
-                     model_path: str | Path | None = None, tokenizer=None) -> PromptTemplate:
+def resolve_template(
+    *, name: str | None = None, adapter: str | Path | None = None, model_path: str | Path | None = None, tokenizer=None
+) -> PromptTemplate:
     """THE template policy (TEMPLATE_POLICY): every path that prompts a model calls this.
 
     ``name``: an explicit choice. ``adapter``: the adapter being used (also in a comparison, where

@@ -12,6 +12,7 @@ prompt tokens the model is trained on are the ones it sees at generation time.
   prompt alone fills cutoff_len have no trained token left and are dropped. Both are counted
   and reported (``lorakit data check`` shows them before training).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ def leading_special_ids(tokenizer) -> list[int]:
     with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
     without = tokenizer("a", add_special_tokens=False)["input_ids"]
     n = len(with_special) - len(without)
-    return list(with_special[:n]) if n > 0 and with_special[n:n + len(without)] == without else []
+    return list(with_special[:n]) if n > 0 and with_special[n : n + len(without)] == without else []
 
 
 def encode_prompt(tokenizer, prompt: str) -> list[int]:
@@ -48,8 +49,14 @@ class TokenizeStats:
 class ExampleTokenizer:
     """Example -> {"input_ids", "attention_mask", "labels"} with prompt labels masked."""
 
-    def __init__(self, tokenizer, template: PromptTemplate, cutoff_len: int,
-                 train_on_inputs: bool = False, add_eos_token: bool = True):
+    def __init__(
+        self,
+        tokenizer,
+        template: PromptTemplate,
+        cutoff_len: int,
+        train_on_inputs: bool = False,
+        add_eos_token: bool = True,
+    ):
         self.tokenizer = tokenizer
         self.template = template
         self.cutoff_len = cutoff_len

@@ -210,9 +210,7 @@ def corpus_bleu(predictions: Sequence[str], references: Sequence[str]) -> float:
     text is tokenised like 13a), so CJK is scored at character level.
     """
     if len(predictions) != len(references):
-        raise ValueError(
-            f"got {len(predictions)} predictions but {len(references)} references"
-        )
+        raise ValueError(f"got {len(predictions)} predictions but {len(references)} references")
     if not predictions:
         return 0.0
     import sacrebleu
@@ -239,14 +237,9 @@ def score_all(
     names = list(METRICS if metrics is None else metrics)
     unknown = [m for m in names if m not in METRICS]
     if unknown:
-        raise ValueError(
-            f"unknown metric(s) {', '.join(map(repr, unknown))}; "
-            f"known metrics: {', '.join(METRICS)}"
-        )
+        raise ValueError(f"unknown metric(s) {', '.join(map(repr, unknown))}; known metrics: {', '.join(METRICS)}")
     if len(predictions) != len(references):
-        raise ValueError(
-            f"got {len(predictions)} predictions but {len(references)} references"
-        )
+        raise ValueError(f"got {len(predictions)} predictions but {len(references)} references")
     scores: dict[str, float] = {}
     for name in names:
         if name == "bleu":

@@ -9,14 +9,13 @@ so an interrupted run never leaves a half-written file.
 report.md and report.html are both rendered from report_sections(): the report as a list of
 sections (Metrics, Efficiency, Plots, Samples), each with its tables and plot files, which the UI
 shows as they are (read_report_sections reads them back from a report folder)."""
+
 from __future__ import annotations
 
 import html
 import io
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,19 +28,35 @@ EFFICIENCY_METRICS = ["latency_p50_s", "latency_p95_s", "tokens_per_s", "peak_me
 # Metrics on a 0-100 scale, plotted together in metrics.png (loss/perplexity have other scales).
 PERCENT_METRICS = ["exact_match", "f1", "bleu", "rouge_l", "contains"]
 METRIC_LABELS = {
-    "loss": "Loss", "perplexity": "Perplexity", "exact_match": "Exact match", "f1": "F1",
-    "bleu": "BLEU", "rouge_l": "ROUGE-L", "contains": "Contains",
-    "latency_p50_s": "Latency p50 (s)", "latency_p95_s": "Latency p95 (s)",
-    "tokens_per_s": "Tokens/s", "peak_memory_mib": "Peak memory (MiB)",
+    "loss": "Loss",
+    "perplexity": "Perplexity",
+    "exact_match": "Exact match",
+    "f1": "F1",
+    "bleu": "BLEU",
+    "rouge_l": "ROUGE-L",
+    "contains": "Contains",
+    "latency_p50_s": "Latency p50 (s)",
+    "latency_p95_s": "Latency p95 (s)",
+    "tokens_per_s": "Tokens/s",
+    "peak_memory_mib": "Peak memory (MiB)",
 }
-EFFICIENCY_HEADERS = ["Model", "Dataset", "Latency p50 (s)", "Latency p95 (s)", "Tokens/s",
-                      "Peak memory (MiB)", "Adapter size (MiB)", "Trainable params"]
+EFFICIENCY_HEADERS = [
+    "Model",
+    "Dataset",
+    "Latency p50 (s)",
+    "Latency p95 (s)",
+    "Tokens/s",
+    "Peak memory (MiB)",
+    "Adapter size (MiB)",
+    "Trainable params",
+]
 PLOTS = {"metrics": "metrics.png", "loss_curves": "loss_curves.png", "latency": "latency.png"}
 MAX_CELL = 300
 MISSING = "–"
 
 
 # ---- small helpers -----------------------------------------------------------------------------
+
 
 def _number(v) -> float | None:
     """A finite float, or None for missing / non-numeric / NaN / inf values."""
@@ -97,6 +112,7 @@ def _jsonable(obj):
 
 
 # ---- reading the result ------------------------------------------------------------------------
+
 
 def _model_names(result: dict) -> list[str]:
     names = [str(m.get("name")) for m in result.get("models") or []]
@@ -154,8 +170,11 @@ def _tables(result: dict) -> dict:
             s = _score(result, m, ds)
             if not s:
                 continue
-            eff_rows.append([m, ds] + [_fmt(s.get(k)) for k in EFFICIENCY_METRICS]
-                            + [_mib(mi.get("adapter_size_bytes")), _fmt_int(mi.get("trainable_params"))])
+            eff_rows.append(
+                [m, ds]
+                + [_fmt(s.get(k)) for k in EFFICIENCY_METRICS]
+                + [_mib(mi.get("adapter_size_bytes")), _fmt_int(mi.get("trainable_params"))]
+            )
 
     samples = {}
     for ds in datasets:
@@ -164,21 +183,24 @@ def _tables(result: dict) -> dict:
             continue
         answer_models = list(models)
         for it in items:
-            for name in (it.get("answers") or {}):
+            for name in it.get("answers") or {}:
                 if name not in answer_models:
                     answer_models.append(name)
         header = ["#", "Prompt", "Reference"] + answer_models
         rows = []
         for i, it in enumerate(items, 1):
             answers = it.get("answers") or {}
-            rows.append([str(i), _truncate(it.get("prompt")), _truncate(it.get("reference"))]
-                        + [_truncate(answers.get(name)) for name in answer_models])
+            rows.append(
+                [str(i), _truncate(it.get("prompt")), _truncate(it.get("reference"))]
+                + [_truncate(answers.get(name)) for name in answer_models]
+            )
         samples[ds] = (header, rows)
 
     return {"metrics": metrics, "efficiency": (EFFICIENCY_HEADERS, eff_rows), "samples": samples}
 
 
 # ---- plots -------------------------------------------------------------------------------------
+
 
 def _figure(width: float, height: float):
     # Figure + Agg canvas directly: headless, and leaves pyplot's global state alone.
@@ -262,8 +284,10 @@ def _plot_latency(result: dict) -> bytes | None:
     models = _model_names(result)
     panels = []
     for ds in _dataset_names(result):
-        series = {METRIC_LABELS[k]: [_number(_score(result, m, ds).get(k)) for m in models]
-                  for k in ("latency_p50_s", "latency_p95_s")}
+        series = {
+            METRIC_LABELS[k]: [_number(_score(result, m, ds).get(k)) for m in models]
+            for k in ("latency_p50_s", "latency_p95_s")
+        }
         if any(v is not None for vals in series.values() for v in vals):
             panels.append((ds, series))
     if not panels:
@@ -281,6 +305,7 @@ def _plot_latency(result: dict) -> bytes | None:
 
 # ---- sections ----------------------------------------------------------------------------------
 
+
 @dataclass
 class ReportTable:
     title: str  # the dataset it is about; "" for a section's only table
@@ -291,6 +316,7 @@ class ReportTable:
 @dataclass
 class ReportSection:
     """One part of the report: "## title", then its tables (each under "### dataset") or plots."""
+
     key: str  # metrics | efficiency | plots | samples
     title: str
     tables: list[ReportTable] = field(default_factory=list)
@@ -312,15 +338,18 @@ def report_sections(result: dict, plots: list[str] | None = None) -> list[Report
     """The report's sections in order: Metrics (always, a table per dataset), Efficiency, Plots
     (the given plot file names) and Samples (a table per dataset), each only when it has content."""
     tables = _tables(result)
-    sections = [ReportSection("metrics", "Metrics", [ReportTable(ds, h, r) for ds, (h, r) in tables["metrics"].items()])]
+    sections = [
+        ReportSection("metrics", "Metrics", [ReportTable(ds, h, r) for ds, (h, r) in tables["metrics"].items()])
+    ]
     header, rows = tables["efficiency"]
     if rows:
         sections.append(ReportSection("efficiency", "Efficiency", [ReportTable("", header, rows)]))
     if plots:
         sections.append(ReportSection("plots", "Plots", plots=list(plots)))
     if tables["samples"]:
-        sections.append(ReportSection("samples", "Samples",
-                                      [ReportTable(ds, h, r) for ds, (h, r) in tables["samples"].items()]))
+        sections.append(
+            ReportSection("samples", "Samples", [ReportTable(ds, h, r) for ds, (h, r) in tables["samples"].items()])
+        )
     return sections
 
 
@@ -333,9 +362,9 @@ def read_report_sections(out_dir: str | Path) -> list[ReportSection]:
 
 # ---- documents ---------------------------------------------------------------------------------
 
+
 def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
-    lines = ["| " + " | ".join(_md_cell(h) for h in header) + " |",
-             "|" + "|".join("---" for _ in header) + "|"]
+    lines = ["| " + " | ".join(_md_cell(h) for h in header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in rows]
     return lines + [""]
 
@@ -365,39 +394,56 @@ img { max-width: 100%; border: 1px solid #eee; margin: .5em 0; }
 
 
 def _html_table(header: list[str], rows: list[list[str]], cls: str = "", numeric_from: int = 1) -> str:
-    out = [f'<table class="{cls}">' if cls else "<table>",
-           "<thead><tr>" + "".join(f"<th>{_html_cell(h)}</th>" for h in header) + "</tr></thead>",
-           "<tbody>"]
+    out = [
+        f'<table class="{cls}">' if cls else "<table>",
+        "<thead><tr>" + "".join(f"<th>{_html_cell(h)}</th>" for h in header) + "</tr></thead>",
+        "<tbody>",
+    ]
     for row in rows:
-        cells = [f'<td class="num">{_html_cell(c)}</td>' if i >= numeric_from else f"<td>{_html_cell(c)}</td>"
-                 for i, c in enumerate(row)]
+        cells = [
+            f'<td class="num">{_html_cell(c)}</td>' if i >= numeric_from else f"<td>{_html_cell(c)}</td>"
+            for i, c in enumerate(row)
+        ]
         out.append("<tr>" + "".join(cells) + "</tr>")
     return "\n".join(out + ["</tbody>", "</table>"])
 
 
 # how each section's tables are drawn: class, first right-aligned (numeric) column
-_HTML_STYLE = {"efficiency": lambda header: {"numeric_from": 2},
-               "samples": lambda header: {"cls": "samples", "numeric_from": len(header)}}
+_HTML_STYLE = {
+    "efficiency": lambda header: {"numeric_from": 2},
+    "samples": lambda header: {"cls": "samples", "numeric_from": len(header)},
+}
 
 
 def _render_html(result: dict, sections: list[ReportSection]) -> str:
     base = _html_cell(result.get("base") or "")
-    out = ["<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
-           '<meta name="viewport" content="width=device-width, initial-scale=1">',
-           f"<title>Evaluation report: {base}</title>", f"<style>{CSS}</style>", "</head>", "<body>",
-           f"<h1>Evaluation report: {base}</h1>"]
+    out = [
+        "<!DOCTYPE html>",
+        '<html lang="en">',
+        "<head>",
+        '<meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f"<title>Evaluation report: {base}</title>",
+        f"<style>{CSS}</style>",
+        "</head>",
+        "<body>",
+        f"<h1>Evaluation report: {base}</h1>",
+    ]
     if result.get("created"):
         out.append(f'<p class="meta">Created: {_html_cell(result["created"])}</p>')
     for section in sections:
         out.append(f"<h2>{_html_cell(section.title)}</h2>")
         style = _HTML_STYLE.get(section.key, lambda header: {})
         for t in section.tables:
-            out += ([f"<h3>{_html_cell(t.title)}</h3>"] if t.title else []) + [_html_table(t.header, t.rows, **style(t.header))]
+            out += ([f"<h3>{_html_cell(t.title)}</h3>"] if t.title else []) + [
+                _html_table(t.header, t.rows, **style(t.header))
+            ]
         out += [f'<p><img src="{html.escape(p)}" alt="{html.escape(Path(p).stem)}"></p>' for p in section.plots]
     return "\n".join(out + ["</body>", "</html>", ""])
 
 
 # ---- entry point -------------------------------------------------------------------------------
+
 
 def write_report(result: dict, out_dir: Path) -> dict[str, Path]:
     """Write report.json, report.md, report.html and the plots (metrics.png, latency.png, and
@@ -408,8 +454,9 @@ def write_report(result: dict, out_dir: Path) -> dict[str, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     paths: dict[str, Path] = {}
 
-    atomic_write_bytes(out_dir / EVAL_REPORT,
-                  json.dumps(_jsonable(result), ensure_ascii=False, indent=2).encode("utf-8"))
+    atomic_write_bytes(
+        out_dir / EVAL_REPORT, json.dumps(_jsonable(result), ensure_ascii=False, indent=2).encode("utf-8")
+    )
     paths["json"] = out_dir / "report.json"
 
     makers = {"metrics": _plot_metrics, "loss_curves": _plot_loss_curves, "latency": _plot_latency}

@@ -4,6 +4,7 @@ One copy of the base model is loaded; adapters are loaded onto it by name and sw
 base runs with the adapters disabled. Every model uses the same prompt template (the one given,
 else the first adapter's recorded one, else alpaca), so differences come from the weights.
 """
+
 from __future__ import annotations
 
 import math
@@ -59,17 +60,26 @@ def reference_loss(gen: Generator, examples, cutoff_len: int, batch_size: int) -
     collate = DataCollatorForSeq2Seq(gen.tokenizer, padding=True, label_pad_token_id=-100, return_tensors="pt")
     total, count = 0.0, 0
     for start in range(0, len(feats), batch_size):
-        batch = {k: v.to(gen.device) for k, v in collate(feats[start:start + batch_size]).items()}
+        batch = {k: v.to(gen.device) for k, v in collate(feats[start : start + batch_size]).items()}
         n = int((batch["labels"][:, 1:] != -100).sum())
         total += float(gen.model(**batch).loss) * n
         count += n
     return total / max(count, 1)
 
 
-def evaluate(base: str | None, adapters: list[str], data_paths: list[str], out: str | Path,
-             metrics: list[str] | None = None, limit: int | None = None, template: str | None = None,
-             max_new_tokens: int = 256, batch_size: int = 8, cutoff_len: int = 1024,
-             samples_per_set: int = SAMPLES_PER_SET) -> dict:
+def evaluate(
+    base: str | None,
+    adapters: list[str],
+    data_paths: list[str],
+    out: str | Path,
+    metrics: list[str] | None = None,
+    limit: int | None = None,
+    template: str | None = None,
+    max_new_tokens: int = 256,
+    batch_size: int = 8,
+    cutoff_len: int = 1024,
+    samples_per_set: int = SAMPLES_PER_SET,
+) -> dict:
     metrics = metrics or list(METRICS)
     unknown = [m for m in metrics if m not in METRICS]
     if unknown:
@@ -82,7 +92,9 @@ def evaluate(base: str | None, adapters: list[str], data_paths: list[str], out: 
         data = load_examples(path)
         examples = [e for e in data.examples if e.turns][:limit] if limit else [e for e in data.examples if e.turns]
         if not examples:
-            raise LorakitError(f"{path}: no instruction/answer examples to evaluate (plain text records have no answer)")
+            raise LorakitError(
+                f"{path}: no instruction/answer examples to evaluate (plain text records have no answer)"
+            )
         sets.append((Path(path).stem, Path(path), examples))
 
     gen = Generator(base=base, adapter=str(adapter_dirs[0]) if adapter_dirs else None, template=template)
@@ -92,19 +104,29 @@ def evaluate(base: str | None, adapters: list[str], data_paths: list[str], out: 
         # (float or int8 folders alike)
         for name, path in zip(names[1:], adapter_dirs[1:]):
             gen.model = load_adapter(gen.model, path, name)
-    models = [{"name": "base", "adapter": None, "adapter_size_bytes": None, "trainable_params": None,
-               "train_log": []}]
+    models = [{"name": "base", "adapter": None, "adapter_size_bytes": None, "trainable_params": None, "train_log": []}]
     for name, path in zip(names, adapter_dirs):
         weights = adapter_weights_file(path)  # adapter_model.safetensors, or the int8 file
         n_params = adapter_param_count(path)
-        models.append({"name": name, "adapter": str(path.resolve()), "adapter_size_bytes": weights.stat().st_size,
-                       "trainable_params": int(n_params), "train_log": read_train_log(path)})
+        models.append(
+            {
+                "name": name,
+                "adapter": str(path.resolve()),
+                "adapter_size_bytes": weights.stat().st_size,
+                "trainable_params": int(n_params),
+                "train_log": read_train_log(path),
+            }
+        )
 
     params = GenerationParams(max_new_tokens=max_new_tokens)
     scores: dict[str, dict] = {}
-    samples: dict[str, list] = {name: [{"prompt": e.instruction + (f"\n\n{e.input}" if e.input else ""),
-                                        "reference": e.output, "answers": {}} for e in ex[:samples_per_set]]
-                                for name, _, ex in sets}
+    samples: dict[str, list] = {
+        name: [
+            {"prompt": e.instruction + (f"\n\n{e.input}" if e.input else ""), "reference": e.output, "answers": {}}
+            for e in ex[:samples_per_set]
+        ]
+        for name, _, ex in sets
+    }
     for i, model in enumerate(models):
         use_adapter = model["adapter"] is not None
         if use_adapter:
@@ -114,10 +136,15 @@ def evaluate(base: str | None, adapters: list[str], data_paths: list[str], out: 
             info(f"eval: {model['name']} on {set_name} ({len(examples)} examples)")
             predictions, latencies, new_tokens, t_total = [], [], 0, 0.0
             for start in range(0, len(examples), batch_size):
-                chunk = examples[start:start + batch_size]
+                chunk = examples[start : start + batch_size]
                 t0 = time.perf_counter()
-                predictions += gen.generate_batch([e.instruction for e in chunk], [e.input for e in chunk],
-                                                  params=params, use_adapter=use_adapter, batch_size=batch_size)
+                predictions += gen.generate_batch(
+                    [e.instruction for e in chunk],
+                    [e.input for e in chunk],
+                    params=params,
+                    use_adapter=use_adapter,
+                    batch_size=batch_size,
+                )
                 took = time.perf_counter() - t0
                 t_total += took
                 new_tokens += sum(gen.last_new_tokens)
@@ -125,19 +152,29 @@ def evaluate(base: str | None, adapters: list[str], data_paths: list[str], out: 
             with gen._adapter_context(use_adapter):
                 loss = reference_loss(gen, examples, cutoff_len, batch_size)
             row = score_all(predictions, [e.output for e in examples], metrics)
-            row.update({"loss": loss, "perplexity": math.exp(min(loss, 50)),
-                        "latency_p50_s": statistics.median(latencies), "latency_p95_s": _percentile(latencies, 95),
-                        "tokens_per_s": new_tokens / t_total if t_total else None,
-                        "peak_memory_mib": _peak_memory_mib(gen.device)})  # process peak so far
+            row.update(
+                {
+                    "loss": loss,
+                    "perplexity": math.exp(min(loss, 50)),
+                    "latency_p50_s": statistics.median(latencies),
+                    "latency_p95_s": _percentile(latencies, 95),
+                    "tokens_per_s": new_tokens / t_total if t_total else None,
+                    "peak_memory_mib": _peak_memory_mib(gen.device),
+                }
+            )  # process peak so far
             scores[model["name"]][set_name] = row
             for sample, answer in zip(samples[set_name], predictions):
                 sample["answers"][model["name"]] = answer
 
-    result = {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "base": gen.base,
-              "template": gen.template.name, "generation": {"max_new_tokens": max_new_tokens, "greedy": True,
-                                                            "batch_size": batch_size},
-              "models": models,
-              "datasets": [{"name": n, "path": str(p), "examples": len(e)} for n, p, e in sets],
-              "scores": scores, "samples": samples}
+    result = {
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "base": gen.base,
+        "template": gen.template.name,
+        "generation": {"max_new_tokens": max_new_tokens, "greedy": True, "batch_size": batch_size},
+        "models": models,
+        "datasets": [{"name": n, "path": str(p), "examples": len(e)} for n, p, e in sets],
+        "scores": scores,
+        "samples": samples,
+    }
     write_report(result, Path(out))
     return result

@@ -11,6 +11,7 @@ Two folder formats:
 Weights are read from safetensors only; a folder that holds only ``adapter_model.bin`` (pickle,
 which can run code) is refused before anything is loaded.
 """
+
 from __future__ import annotations
 
 import json
@@ -18,9 +19,9 @@ import warnings
 from pathlib import Path
 
 from ..errors import ModelError
-
-from ..runfolder import ADAPTER_CONFIG, INT8_WEIGHTS  # noqa: F401 - re-exported
+from ..runfolder import ADAPTER_CONFIG, INT8_WEIGHTS
 from ..runfolder import ADAPTER_WEIGHTS as FLOAT_WEIGHTS
+
 PICKLE_WEIGHTS = "adapter_model.bin"
 
 
@@ -34,10 +35,11 @@ def check_adapter_dir(adapter: str | Path) -> Path:
         raise ModelError(f"adapter: {path} holds no adapter_config.json (is it a lorakit/peft adapter folder?)")
     if not (path / FLOAT_WEIGHTS).is_file() and not (path / INT8_WEIGHTS).is_file():
         if (path / PICKLE_WEIGHTS).is_file():
-            raise ModelError(f"adapter: {path} holds only adapter_model.bin (pickle, which can run code); "
-                             "lorakit loads safetensors only: re-save it with save_pretrained(safe_serialization=True)")
-        raise ModelError(f"adapter: {path} holds no adapter_model.safetensors (nor a lorakit int8 "
-                         f"{INT8_WEIGHTS})")
+            raise ModelError(
+                f"adapter: {path} holds only adapter_model.bin (pickle, which can run code); "
+                "lorakit loads safetensors only: re-save it with save_pretrained(safe_serialization=True)"
+            )
+        raise ModelError(f"adapter: {path} holds no adapter_model.safetensors (nor a lorakit int8 {INT8_WEIGHTS})")
     return path
 
 
@@ -61,11 +63,12 @@ def adapter_param_count(path: str | Path) -> int:
     from safetensors import safe_open
 
     from .quantize import SCALE_SUFFIX
+
     weights = adapter_weights_file(path)
     try:
         with safe_open(str(weights), "pt") as f:
-            return int(sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys() if not k.endswith(SCALE_SUFFIX)))
-    except Exception as e:  # noqa: BLE001 - a broken header: one line
+            return int(sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys() if not k.endswith(SCALE_SUFFIX)))  # noqa: SIM118 - safe_open is no dict
+    except Exception as e:
         raise ModelError(f"adapter: {weights} is not a readable safetensors file: {_first_line(e)}") from None
 
 
@@ -77,15 +80,18 @@ def _first_line(e: BaseException) -> str:
 def _check_adapter_name(name) -> None:
     """peft keeps adapters in torch ModuleDicts: the name becomes a module attribute."""
     import torch
+
     if not isinstance(name, str) or not name or "." in name or name.startswith("_") or name.strip() != name:
-        raise ModelError(f"adapter name {name!r}: use a non-empty name without dots, spaces at the ends "
-                         "or a leading underscore")
+        raise ModelError(
+            f"adapter name {name!r}: use a non-empty name without dots, spaces at the ends or a leading underscore"
+        )
     if hasattr(torch.nn.ModuleDict(), name) or name in ("base_layer", "lora_A", "lora_B"):
         raise ModelError(f"adapter name {name!r} is reserved (a torch module attribute); choose another name")
 
 
 def _is_peft_model(model) -> bool:
     from peft import PeftModel
+
     return isinstance(model, PeftModel)
 
 
@@ -98,25 +104,31 @@ def _base_name(model) -> str:
 def _read_config(folder: Path):
     from peft import PeftConfig
     from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+
     try:
         peft_type = PeftConfig._get_peft_type(str(folder))
         return PEFT_TYPE_TO_CONFIG_MAPPING[peft_type].from_pretrained(str(folder))
     except (ValueError, KeyError, TypeError, json.JSONDecodeError) as e:
-        raise ModelError(f"adapter: {folder / ADAPTER_CONFIG} is not a valid peft adapter config: "
-                         f"{_first_line(e)}") from None
+        raise ModelError(
+            f"adapter: {folder / ADAPTER_CONFIG} is not a valid peft adapter config: {_first_line(e)}"
+        ) from None
 
 
 def _key_mapped(state: dict, model) -> dict:
     """Apply the model's checkpoint key mapping as peft's load_peft_weights does."""
     import re
+
     mapping = getattr(base_model_of(model), "_checkpoint_conversion_mapping", None)
     if not mapping:
         return state
     out = {}
     for key, val in state.items():
-        prefix = "base_model.model." if key.startswith("base_model.model.") else (
-            "base_model." if key.startswith("base_model.") else "")
-        rest = key[len(prefix):]
+        prefix = (
+            "base_model.model."
+            if key.startswith("base_model.model.")
+            else ("base_model." if key.startswith("base_model.") else "")
+        )
+        rest = key[len(prefix) :]
         for pattern, replacement in mapping.items():
             new, n = re.subn(pattern, replacement, rest)
             if n:
@@ -127,9 +139,11 @@ def _key_mapped(state: dict, model) -> dict:
 
 
 def _check_load_result(result, adapter_name: str) -> None:
-    missing = [k for k in getattr(result, "missing_keys", [])
-               if ("lora_" in k or "modules_to_save" in k)
-               and (f".{adapter_name}." in k or k.endswith(f".{adapter_name}"))]
+    missing = [
+        k
+        for k in getattr(result, "missing_keys", [])
+        if ("lora_" in k or "modules_to_save" in k) and (f".{adapter_name}." in k or k.endswith(f".{adapter_name}"))
+    ]
     unexpected = list(getattr(result, "unexpected_keys", []))
     if unexpected or missing:
         detail = []
@@ -162,6 +176,7 @@ def load_adapter(model, path: str | Path, adapter_name: str):
     state = None
     if fmt == "int8":
         from .quantize import read_int8_adapter
+
         state = _key_mapped(read_int8_adapter(folder), model)  # a corrupt file fails before the model is touched
     config.inference_mode = True
     base_name = _base_name(model)
@@ -175,6 +190,7 @@ def load_adapter(model, path: str | Path, adapter_name: str):
             if peft_model is None:
                 from peft import PeftModel
                 from peft.auto import MODEL_TYPE_TO_PEFT_MODEL_MAPPING
+
                 cls = MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(config.task_type, PeftModel)
                 peft_model = cls(model, config, adapter_name)  # injects the (untrained) adapter layers
             else:
@@ -186,6 +202,7 @@ def load_adapter(model, path: str | Path, adapter_name: str):
                 result = peft_model.load_adapter(str(folder), adapter_name, is_trainable=False, key_mapping=mapping)
             else:
                 from peft import set_peft_model_state_dict
+
                 result = set_peft_model_state_dict(peft_model, state, adapter_name=adapter_name)
             _check_load_result(result, adapter_name)
     except ModelError:
@@ -217,7 +234,7 @@ def _roll_back(peft_model, adapter_name: str, was_peft: bool, added: bool) -> No
                 peft_model.delete_adapter(adapter_name)
         else:
             peft_model.base_model.unload()  # restores the plain model's original modules in place
-    except Exception:  # noqa: BLE001 - best effort; the original error is what the user needs
+    except Exception:
         pass
 
 

@@ -6,12 +6,11 @@ one template policy (``resolve_template``): the adapter's recorded one, which th
 comparison; a base alone uses its own chat template. Generation stops at the template's turn
 markers as well as at EOS (``generate_kwargs``, ``answer_text``), in every path that generates.
 """
+
 from __future__ import annotations
 
-import json
 from contextlib import nullcontext
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -20,8 +19,8 @@ from ..data.templates import Stops, resolve_template
 from ..data.tokenize import encode_prompt
 from ..models.loading import load_model, load_tokenizer, resolve_model_path
 from ..models.registry import DEFAULT_BASE_MODEL
-from ..runfolder import recorded_base_model  # noqa: F401 - re-exported
-from .adapters import check_adapter_dir, load_adapter  # noqa: F401 - check_adapter_dir re-exported
+from ..runfolder import recorded_base_model
+from .adapters import check_adapter_dir, load_adapter
 from .stops import StopIteratorStreamer, StopTextStreamer, cut_at_stop
 
 DEFAULT_ADAPTER_NAME = "default"  # the name the first adapter has, as with PeftModel.from_pretrained
@@ -38,9 +37,13 @@ class GenerationParams:
     seed: int | None = None
 
     def to_kwargs(self, tokenizer) -> dict:
-        kw = dict(max_new_tokens=self.max_new_tokens, num_beams=self.num_beams,
-                  repetition_penalty=self.repetition_penalty,
-                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        kw = dict(
+            max_new_tokens=self.max_new_tokens,
+            num_beams=self.num_beams,
+            repetition_penalty=self.repetition_penalty,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
         if self.temperature > 0:
             kw.update(do_sample=True, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
         else:
@@ -64,8 +67,9 @@ def answer_text(tokenizer, new_ids, stops: Stops) -> str:
     return cut_at_stop(text, stops.strings)[0].strip()
 
 
-def prompt_ids_for(template, tokenizer, instruction: str, input: str = "", history: list[Turn] | None = None,
-                   system: str = "") -> list[int]:
+def prompt_ids_for(
+    template, tokenizer, instruction: str, input: str = "", history: list[Turn] | None = None, system: str = ""
+) -> list[int]:
     """The token ids a model is prompted with: the one way every path (generate, chat, eval,
     serve, the UI) turns a message and its history into ids."""
     prompt = template.build_prompt(instruction, input=input, history=history, system=system, tokenizer=tokenizer)
@@ -73,8 +77,14 @@ def prompt_ids_for(template, tokenizer, instruction: str, input: str = "", histo
 
 
 class Generator:
-    def __init__(self, base: str | None = None, adapter: str | None = None, template: str | None = None,
-                 dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
+    def __init__(
+        self,
+        base: str | None = None,
+        adapter: str | None = None,
+        template: str | None = None,
+        dtype: torch.dtype = torch.float32,
+        trust_remote_code: bool = False,
+    ):
         self.adapter_dir = check_adapter_dir(adapter) if adapter else None
         self.base = base or (recorded_base_model(self.adapter_dir) if self.adapter_dir else None) or DEFAULT_BASE_MODEL
         model_path = resolve_model_path(self.base)
@@ -87,8 +97,9 @@ class Generator:
         model.eval()
         self.model = model
         # with an adapter, its template serves the base too (--compare, eval): the same prompt for both
-        self.template = resolve_template(name=template, adapter=self.adapter_dir, model_path=model_path,
-                                         tokenizer=self.tokenizer)
+        self.template = resolve_template(
+            name=template, adapter=self.adapter_dir, model_path=model_path, tokenizer=self.tokenizer
+        )
         self.stops = self.template.stops(self.tokenizer)
 
     def streamer(self, iterator: bool = False, **kwargs):
@@ -100,8 +111,9 @@ class Generator:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def prompt_ids(self, instruction: str, input: str = "", history: list[Turn] | None = None,
-                   system: str = "") -> list[int]:
+    def prompt_ids(
+        self, instruction: str, input: str = "", history: list[Turn] | None = None, system: str = ""
+    ) -> list[int]:
         return prompt_ids_for(self.template, self.tokenizer, instruction, input, history, system)
 
     def _adapter_context(self, use_adapter: bool):
@@ -110,22 +122,38 @@ class Generator:
         return self.model.disable_adapter()
 
     @torch.no_grad()
-    def generate(self, instruction: str, input: str = "", history: list[Turn] | None = None,
-                 system: str = "", params: GenerationParams | None = None, streamer=None,
-                 use_adapter: bool = True) -> str:
+    def generate(
+        self,
+        instruction: str,
+        input: str = "",
+        history: list[Turn] | None = None,
+        system: str = "",
+        params: GenerationParams | None = None,
+        streamer=None,
+        use_adapter: bool = True,
+    ) -> str:
         params = params or GenerationParams()
         if params.seed is not None:
             torch.manual_seed(params.seed)
         ids = torch.tensor([self.prompt_ids(instruction, input, history, system)], device=self.device)
         with self._adapter_context(use_adapter):
-            out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), streamer=streamer,
-                                      **generate_kwargs(params, self.tokenizer, self.stops))
-        return answer_text(self.tokenizer, out[0, ids.shape[1]:], self.stops)
+            out = self.model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                streamer=streamer,
+                **generate_kwargs(params, self.tokenizer, self.stops),
+            )
+        return answer_text(self.tokenizer, out[0, ids.shape[1] :], self.stops)
 
     @torch.no_grad()
-    def generate_batch(self, instructions: list[str], inputs: list[str] | None = None,
-                       params: GenerationParams | None = None, use_adapter: bool = True,
-                       batch_size: int = 8) -> list[str]:
+    def generate_batch(
+        self,
+        instructions: list[str],
+        inputs: list[str] | None = None,
+        params: GenerationParams | None = None,
+        use_adapter: bool = True,
+        batch_size: int = 8,
+    ) -> list[str]:
         """Greedy/sampled answers for many prompts, left-padded batches."""
         params = params or GenerationParams()
         inputs = inputs or [""] * len(instructions)
@@ -133,16 +161,19 @@ class Generator:
         answers: list[str] = []
         self.last_new_tokens: list[int] = []  # per answer, for throughput figures
         for start in range(0, len(instructions), batch_size):
-            chunk = [self.prompt_ids(q, i) for q, i in
-                     zip(instructions[start:start + batch_size], inputs[start:start + batch_size])]
+            chunk = [
+                self.prompt_ids(q, i)
+                for q, i in zip(instructions[start : start + batch_size], inputs[start : start + batch_size])
+            ]
             width = max(len(c) for c in chunk)
             ids = torch.tensor([[pad] * (width - len(c)) + c for c in chunk], device=self.device)
             mask = torch.tensor([[0] * (width - len(c)) + [1] * len(c) for c in chunk], device=self.device)
             if params.seed is not None:
                 torch.manual_seed(params.seed)
             with self._adapter_context(use_adapter):
-                out = self.model.generate(input_ids=ids, attention_mask=mask,
-                                          **generate_kwargs(params, self.tokenizer, self.stops))
+                out = self.model.generate(
+                    input_ids=ids, attention_mask=mask, **generate_kwargs(params, self.tokenizer, self.stops)
+                )
             answers += [answer_text(self.tokenizer, row[width:], self.stops) for row in out]
             self.last_new_tokens += [self._generated_length(row[width:]) for row in out]
         return answers

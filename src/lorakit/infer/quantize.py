@@ -16,6 +16,7 @@ Format (``adapter_model.int8.safetensors``, a name plain peft does not read as a
 The folder is written to a staging folder beside ``--out``, read back and checked, then renamed
 into place: an interrupted run leaves no half-written adapter.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -58,8 +59,13 @@ def quantize_tensor(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     rows = w.detach().float().reshape(w.shape[0], -1)
     scale = rows.abs().amax(dim=1) / 127.0
     nonzero = scale[scale > 0]
-    fp16_ok = bool(nonzero.numel() == 0 or (nonzero.min() >= torch.finfo(torch.float16).tiny
-                                             and nonzero.max() * (1 + 2**-10) <= torch.finfo(torch.float16).max))
+    fp16_ok = bool(
+        nonzero.numel() == 0
+        or (
+            nonzero.min() >= torch.finfo(torch.float16).tiny
+            and nonzero.max() * (1 + 2**-10) <= torch.finfo(torch.float16).max
+        )
+    )
     stored = _round_up_to(scale, torch.float16 if fp16_ok else torch.bfloat16)
     s = stored.float()
     q = torch.round(rows / torch.where(s > 0, s, torch.ones_like(s)).unsqueeze(1)).clamp_(-127, 127)
@@ -87,14 +93,16 @@ def read_int8_adapter(folder: str | Path) -> dict[str, torch.Tensor]:
     path = Path(folder) / INT8_WEIGHTS
 
     def bad(reason: str) -> ModelError:
-        return ModelError(f"adapter: {path} is not a valid lorakit int8 adapter ({reason}); "
-                          "quantize the float adapter again with: lorakit adapter quantize")
+        return ModelError(
+            f"adapter: {path} is not a valid lorakit int8 adapter ({reason}); "
+            "quantize the float adapter again with: lorakit adapter quantize"
+        )
 
     try:
         with safe_open(str(path), "pt") as f:
             metadata = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for damaged files
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is no dict
+    except Exception as e:
         text = str(e).strip().splitlines()
         raise bad(f"unreadable: {(text[0] if text else type(e).__name__)[:160]}") from None
     if metadata.get(FORMAT_KEY) != "int8":
@@ -104,10 +112,10 @@ def read_int8_adapter(folder: str | Path) -> dict[str, torch.Tensor]:
     if metadata.get("lorakit_int8_sha256") != _digest(tensors):
         raise bad("checksum mismatch: the file was changed or damaged after it was written")
     state: dict[str, torch.Tensor] = {}
-    scales = {k[:-len(SCALE_SUFFIX)]: v for k, v in tensors.items() if k.endswith(SCALE_SUFFIX)}
+    scales = {k[: -len(SCALE_SUFFIX)]: v for k, v in tensors.items() if k.endswith(SCALE_SUFFIX)}
     for name, t in tensors.items():
         if name.endswith(SCALE_SUFFIX):
-            if name[:-len(SCALE_SUFFIX)] not in tensors:
+            if name[: -len(SCALE_SUFFIX)] not in tensors:
                 raise bad(f"scale {name} has no int8 tensor")
             continue
         if t.dtype == torch.int8:
@@ -154,13 +162,17 @@ def quantize_adapter(src: str | Path, out: str | Path, force: bool = False) -> d
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ModelError(f"adapter: {src / ADAPTER_CONFIG} is not valid JSON: {e}") from None
     if not isinstance(config, dict) or config.get("peft_type") != "LORA":
-        raise LorakitError(f"adapter quantize: {src} is a {config.get('peft_type') if isinstance(config, dict) else '?'} "
-                           "adapter; only LoRA adapters can be quantized")
+        raise LorakitError(
+            f"adapter quantize: {src} is a {config.get('peft_type') if isinstance(config, dict) else '?'} "
+            "adapter; only LoRA adapters can be quantized"
+        )
     weights = src / FLOAT_WEIGHTS
     try:
         state = load_file(str(weights))
     except (SafetensorError, OSError) as e:
-        raise ModelError(f"adapter: {weights} is not a readable safetensors file: {str(e).splitlines()[0][:160]}") from None
+        raise ModelError(
+            f"adapter: {weights} is not a readable safetensors file: {str(e).splitlines()[0][:160]}"
+        ) from None
 
     tensors: dict[str, torch.Tensor] = {}
     n_quantized = n_float = 0
@@ -178,10 +190,14 @@ def quantize_adapter(src: str | Path, out: str | Path, force: bool = False) -> d
             n_float += 1
     if n_quantized == 0:
         raise LorakitError(f"adapter quantize: {weights} holds no LoRA matrices (lora_A/lora_B) to quantize")
-    metadata = {"format": "pt", FORMAT_KEY: "int8", "lorakit_int8_version": FORMAT_VERSION,
-                "lorakit_int8_scheme": "symmetric int8, one scale per output channel (dim 0), "
-                                       "scale=max|row|/127 rounded up to float16 or bfloat16",
-                "lorakit_int8_sha256": _digest(tensors)}
+    metadata = {
+        "format": "pt",
+        FORMAT_KEY: "int8",
+        "lorakit_int8_version": FORMAT_VERSION,
+        "lorakit_int8_scheme": "symmetric int8, one scale per output channel (dim 0), "
+        "scale=max|row|/127 rounded up to float16 or bfloat16",
+        "lorakit_int8_sha256": _digest(tensors),
+    }
 
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.with_name(f".{out.name}.quantizing-{os.getpid()}")
@@ -203,9 +219,17 @@ def quantize_adapter(src: str | Path, out: str | Path, force: bool = False) -> d
             elif not torch.equal(back[name], t):
                 raise ModelError(f"adapter quantize: {name} changed on the way through the int8 file")
         before, after = weights.stat().st_size, (staging / INT8_WEIGHTS).stat().st_size
-        figures = {"adapter": str(src), "out": str(out), "format": "int8",
-                   "size_before_bytes": before, "size_after_bytes": after, "ratio": before / after,
-                   "max_abs_weight_error": max_err, "quantized_tensors": n_quantized, "float_tensors": n_float}
+        figures = {
+            "adapter": str(src),
+            "out": str(out),
+            "format": "int8",
+            "size_before_bytes": before,
+            "size_after_bytes": after,
+            "ratio": before / after,
+            "max_abs_weight_error": max_err,
+            "quantized_tensors": n_quantized,
+            "float_tensors": n_float,
+        }
         manifest = staging / MANIFEST
         if manifest.is_file():  # say what this folder is; the training record stays as it was
             try:

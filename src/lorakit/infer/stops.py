@@ -4,6 +4,7 @@ the UI, the API's stream) ever shows part of one.
 
 transformers' ``generate`` stops the model at the markers (``stop_strings``) and at marker tokens
 (``eos_token_id``); these helpers do the text side, which it leaves to the caller."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -44,7 +45,7 @@ class StopFilter:
         self.text += piece
         kept, self.stopped = cut_at_stop(self.text, self.stops)
         upto = len(kept) if (self.stopped or end) else len(kept) - held_back(kept, self.stops)
-        delta = self.text[self.sent:upto] if upto > self.sent else ""
+        delta = self.text[self.sent : upto] if upto > self.sent else ""
         self.sent = max(self.sent, upto)
         return delta
 

@@ -1,4 +1,5 @@
 """Turn a ``base_model`` setting into a loaded tokenizer and model, failing early with one clear line."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -10,8 +11,7 @@ from ..errors import ConfigError, ModelError
 from .registry import ALIASES, pull
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-_OFFLINE_HINT = ("Offline? Hub ids need network access; use a local folder, a .gguf file or "
-                 + " or ".join(ALIASES))
+_OFFLINE_HINT = "Offline? Hub ids need network access; use a local folder, a .gguf file or " + " or ".join(ALIASES)
 
 
 def _looks_like_hub_id(name: str) -> bool:
@@ -34,21 +34,26 @@ def resolve_model_path(base_model: str) -> str:
     if path.is_dir():
         if (path / "config.json").is_file():
             return str(path)
-        raise ModelError(f"{path} is a folder but holds no config.json; point base_model at a Hugging Face "
-                         f"model folder, a .gguf file or a built-in alias ({aliases})")
+        raise ModelError(
+            f"{path} is a folder but holds no config.json; point base_model at a Hugging Face "
+            f"model folder, a .gguf file or a built-in alias ({aliases})"
+        )
     if path.is_file():
         if path.suffix.lower() == ".gguf":
             return str(pull(str(path)))
-        raise ModelError(f"{path} is a file but not a .gguf model; point base_model at a model folder "
-                         f"(with config.json), a .gguf file or a built-in alias ({aliases})")
+        raise ModelError(
+            f"{path} is a file but not a .gguf model; point base_model at a model folder "
+            f"(with config.json), a .gguf file or a built-in alias ({aliases})"
+        )
     if base_model in ALIASES:
         return str(pull(base_model))
     if path.suffix.lower() == ".gguf":
         raise ModelError(f"{path}: no such .gguf file")
     if _looks_like_hub_id(base_model):
         return base_model  # transformers fetches it at load time, where the network allows
-    raise ModelError(f"{base_model!r} is not a model folder, a .gguf file, a built-in alias ({aliases}) "
-                     "or a hub id org/name")
+    raise ModelError(
+        f"{base_model!r} is not a model folder, a .gguf file, a built-in alias ({aliases}) or a hub id org/name"
+    )
 
 
 def _cpu_flags() -> set[str]:
@@ -90,8 +95,9 @@ def check_quantization(load_in_8bit: bool, load_in_4bit: bool) -> None:
         return
     key = "load_in_4bit" if load_in_4bit else "load_in_8bit"
     if not torch.cuda.is_available():
-        raise ConfigError(f"{key} needs a CUDA GPU and bitsandbytes; this machine has no CUDA device. "
-                          f"Remove {key} or run on a GPU")
+        raise ConfigError(
+            f"{key} needs a CUDA GPU and bitsandbytes; this machine has no CUDA device. Remove {key} or run on a GPU"
+        )
     if importlib.util.find_spec("bitsandbytes") is None:
         raise ConfigError(f"{key} needs bitsandbytes, which is not installed: pip install bitsandbytes")
 
@@ -101,8 +107,12 @@ def quantization_config(load_in_8bit: bool, load_in_4bit: bool, compute_dtype: t
     from transformers import BitsAndBytesConfig
 
     if load_in_4bit:
-        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                  bnb_4bit_compute_dtype=compute_dtype)
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute_dtype,
+        )
     if load_in_8bit:
         return BitsAndBytesConfig(load_in_8bit=True)
     return None
@@ -138,12 +148,20 @@ def _refuse_pickle_only(folder: Path) -> None:
             f"{folder} holds only pickle weights ({', '.join(pickles)}); lorakit loads only safetensors because "
             "loading a pickle file can run arbitrary code. If you trust the file, convert it once: python -c "
             f"\"from transformers import AutoModelForCausalLM as M; M.from_pretrained('{folder}')"
-            f".save_pretrained('{folder}')\"")
+            f".save_pretrained('{folder}')\""
+        )
 
 
-def load_model(path_or_id: str, dtype: torch.dtype = torch.float32, load_in_8bit: bool = False,
-               load_in_4bit: bool = False, trust_remote_code: bool = False, device_map=None, *,
-               bnb_config=None):
+def load_model(
+    path_or_id: str,
+    dtype: torch.dtype = torch.float32,
+    load_in_8bit: bool = False,
+    load_in_4bit: bool = False,
+    trust_remote_code: bool = False,
+    device_map=None,
+    *,
+    bnb_config=None,
+):
     """The causal LM from safetensors weights, optionally 8/4-bit quantized.
 
     ``bnb_config`` overrides the BitsAndBytesConfig built from the flags (whose compute dtype is ``dtype``).
@@ -169,12 +187,16 @@ def model_module_names(model) -> list[str]:
     """Names (last component) of the layers LoRA can target: Linear and GPT-2 style Conv1D, not the output head."""
     try:
         from transformers.pytorch_utils import Conv1D
+
         layer_types = (torch.nn.Linear, Conv1D)
     except ImportError:
         layer_types = (torch.nn.Linear,)
     # The output head maps to the vocabulary; adapting it is not what lora_target_modules is for.
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules()
-             if isinstance(module, layer_types) and module is not head}
+    names = {
+        name.rsplit(".", 1)[-1]
+        for name, module in model.named_modules()
+        if isinstance(module, layer_types) and module is not head
+    }
     names.discard("lm_head")
     return sorted(names)

@@ -2,6 +2,7 @@
 
 Every error is answered in OpenAI's error shape, ``{"error": {"message", "type", "param",
 "code"}}``, with its HTTP status; no stack trace ever reaches a client (it is logged here)."""
+
 from __future__ import annotations
 
 import asyncio
@@ -13,7 +14,8 @@ import time
 import uuid
 from pathlib import Path
 
-from fastapi import FastAPI, Request as HTTPRequest
+from fastapi import FastAPI
+from fastapi import Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -28,16 +30,35 @@ log = logging.getLogger("lorakit.serve")
 
 DEFAULT_MAX_TOKENS = 256
 # pydantic error types that mean "the right type, but out of range" (422); the rest are 400
-_RANGE_ERRORS = {"greater_than", "greater_than_equal", "less_than", "less_than_equal", "too_long", "too_short",
-                 "value_error", "string_pattern_mismatch", "literal_error"}
+_RANGE_ERRORS = {
+    "greater_than",
+    "greater_than_equal",
+    "less_than",
+    "less_than_equal",
+    "too_long",
+    "too_short",
+    "value_error",
+    "string_pattern_mismatch",
+    "literal_error",
+}
 
 
-def error_response(status: int, message: str, type_: str | None = None, param: str | None = None,
-                   code: str | None = None, headers: dict | None = None) -> JSONResponse:
-    type_ = type_ or ("server_error" if status >= 500 else
-                      "authentication_error" if status == 401 else "invalid_request_error")
-    return JSONResponse({"error": {"message": message, "type": type_, "param": param, "code": code}},
-                        status_code=status, headers=headers)
+def error_response(
+    status: int,
+    message: str,
+    type_: str | None = None,
+    param: str | None = None,
+    code: str | None = None,
+    headers: dict | None = None,
+) -> JSONResponse:
+    type_ = type_ or (
+        "server_error" if status >= 500 else "authentication_error" if status == 401 else "invalid_request_error"
+    )
+    return JSONResponse(
+        {"error": {"message": message, "type": type_, "param": param, "code": code}},
+        status_code=status,
+        headers=headers,
+    )
 
 
 class BodyLimit:
@@ -51,8 +72,9 @@ class BodyLimit:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope.get("method") in ("GET", "HEAD", "OPTIONS"):
             return await self.app(scope, receive, send)
-        too_big = error_response(413, f"the request body is larger than this server takes ({self.limit} bytes)",
-                                 code="body_too_large")
+        too_big = error_response(
+            413, f"the request body is larger than this server takes ({self.limit} bytes)", code="body_too_large"
+        )
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
             return await too_big(scope, receive, send)
@@ -82,23 +104,35 @@ class BodyLimit:
 def resolve_adapter_path(root: Path | None, path: str) -> Path:
     """An adapter path from a request, confined to ``root`` (the --adapters-dir)."""
     if root is None:
-        raise EngineError("loading adapters at run time is off: start the server with --adapters-dir DIR",
-                          403, "adapter_loading_disabled", "path")
+        raise EngineError(
+            "loading adapters at run time is off: start the server with --adapters-dir DIR",
+            403,
+            "adapter_loading_disabled",
+            "path",
+        )
     if "\x00" in path:
         raise EngineError("path: not a valid path", 400, "invalid_path", "path")
     root = root.resolve()
     target = Path(os.path.realpath(root / path))  # symlinks resolved: a link out of root is refused too
     if target != root and root not in target.parents:
-        raise EngineError("path: must name a folder inside the server's adapters directory", 400,
-                          "path_outside_adapters_dir", "path")
+        raise EngineError(
+            "path: must name a folder inside the server's adapters directory", 400, "path_outside_adapters_dir", "path"
+        )
     if not target.is_dir():
-        raise EngineError(f"path: no adapter folder '{path}' in the adapters directory", 404,
-                          "adapter_not_found", "path")
+        raise EngineError(
+            f"path: no adapter folder '{path}' in the adapters directory", 404, "adapter_not_found", "path"
+        )
     return target
 
 
-def create_app(engine: Engine, *, api_key: str | None = None, adapters_dir: str | Path | None = None,
-               max_body_bytes: int = 1 << 20, metrics: Metrics | None = None) -> FastAPI:
+def create_app(
+    engine: Engine,
+    *,
+    api_key: str | None = None,
+    adapters_dir: str | Path | None = None,
+    max_body_bytes: int = 1 << 20,
+    metrics: Metrics | None = None,
+) -> FastAPI:
     metrics = metrics or engine.metrics or Metrics()
     app = FastAPI(title="lorakit", version="0.1.0", docs_url=None, redoc_url=None)
     app.state.engine = engine
@@ -151,8 +185,9 @@ def create_app(engine: Engine, *, api_key: str | None = None, adapters_dir: str 
                 token = given[7:] if given[:7].lower() == "bearer " else ""
                 if not hmac.compare_digest(token.encode(), api_key.encode()):
                     metrics.observe_request("unauthorized", 401, started)
-                    return await error_response(401, "invalid or missing API key (send 'Authorization: Bearer KEY')",
-                                                code="invalid_api_key")(scope, receive, send)
+                    return await error_response(
+                        401, "invalid or missing API key (send 'Authorization: Bearer KEY')", code="invalid_api_key"
+                    )(scope, receive, send)
             status = 500
 
             async def send_and_count(message):
@@ -160,8 +195,11 @@ def create_app(engine: Engine, *, api_key: str | None = None, adapters_dir: str 
                 if message["type"] == "http.response.start":
                     status = message["status"]
                 await send(message)
-                if message["type"] == "http.response.body" and not message.get("more_body", False) \
-                        and path != "/metrics":
+                if (
+                    message["type"] == "http.response.body"
+                    and not message.get("more_body", False)
+                    and path != "/metrics"
+                ):
                     route = scope.get("route")
                     metrics.observe_request(getattr(route, "path", "unmatched"), status, started)
 
@@ -170,8 +208,12 @@ def create_app(engine: Engine, *, api_key: str | None = None, adapters_dir: str 
     # ---- endpoints -------------------------------------------------------------------------
     @app.get("/health")
     async def health():
-        return {"status": "ok", "base": engine.base_name, "adapters": engine.model_names()[1:],
-                "in_progress": engine.in_progress}
+        return {
+            "status": "ok",
+            "base": engine.base_name,
+            "adapters": engine.model_names()[1:],
+            "in_progress": engine.in_progress,
+        }
 
     @app.get("/metrics")
     async def prometheus():
@@ -179,8 +221,14 @@ def create_app(engine: Engine, *, api_key: str | None = None, adapters_dir: str 
 
     def model_card(name: str) -> dict:
         info = engine.adapters.get(name)
-        return {"id": name, "object": "model", "created": int(info.loaded_at if info else engine_started),
-                "owned_by": "lorakit", "root": engine.base_name, "parent": engine.base_name if info else None}
+        return {
+            "id": name,
+            "object": "model",
+            "created": int(info.loaded_at if info else engine_started),
+            "owned_by": "lorakit",
+            "root": engine.base_name,
+            "parent": engine.base_name if info else None,
+        }
 
     engine_started = time.time()
 
@@ -227,8 +275,14 @@ def create_app(engine: Engine, *, api_key: str | None = None, adapters_dir: str 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, http: HTTPRequest):
         check_model(body.model)
-        return await run(body, engine.text_prompt_ids(body.prompt), body.max_tokens, http, chat=False,
-                         echo=body.prompt if body.echo else "")
+        return await run(
+            body,
+            engine.text_prompt_ids(body.prompt),
+            body.max_tokens,
+            http,
+            chat=False,
+            echo=body.prompt if body.echo else "",
+        )
 
     def check_model(name: str) -> None:
         if name not in engine.model_names():
@@ -237,24 +291,34 @@ def create_app(engine: Engine, *, api_key: str | None = None, adapters_dir: str 
     async def run(body, ids: list[int], max_tokens: int | None, http: HTTPRequest, *, chat: bool, echo: str = ""):
         max_tokens = max_tokens or DEFAULT_MAX_TOKENS
         if max_tokens > engine.max_tokens_limit:
-            raise EngineError(f"max_tokens: at most {engine.max_tokens_limit} on this server", 422,
-                              param="max_tokens")
+            raise EngineError(f"max_tokens: at most {engine.max_tokens_limit} on this server", 422, param="max_tokens")
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
 
         def on_event(kind, value):  # called on the worker thread
             loop.call_soon_threadsafe(events.put_nowait, (kind, value))
 
-        req = engine.submit(Request(prompt_ids=ids, model=body.model, adapter=None, max_tokens=max_tokens,
-                                    temperature=body.temperature if body.temperature is not None else 1.0,
-                                    top_p=body.top_p if body.top_p is not None else 1.0, seed=body.seed,
-                                    stop=body.stop or [], on_event=on_event))
+        req = engine.submit(
+            Request(
+                prompt_ids=ids,
+                model=body.model,
+                adapter=None,
+                max_tokens=max_tokens,
+                temperature=body.temperature if body.temperature is not None else 1.0,
+                top_p=body.top_p if body.top_p is not None else 1.0,
+                seed=body.seed,
+                stop=body.stop or [],
+                on_event=on_event,
+            )
+        )
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
         if body.stream:
-            return StreamingResponse(stream(req, events, rid, created, body, chat, echo),
-                                     media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            return StreamingResponse(
+                stream(req, events, rid, created, body, chat, echo),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
         try:
             while True:
                 try:
@@ -271,16 +335,31 @@ def create_app(engine: Engine, *, api_key: str | None = None, adapters_dir: str 
             raise
         if req.finish_reason == "error":
             raise EngineError(req.error or "generation failed", 500, "generation_failed")
-        usage = {"prompt_tokens": len(ids), "completion_tokens": len(req.ids),
-                 "total_tokens": len(ids) + len(req.ids)}
+        usage = {"prompt_tokens": len(ids), "completion_tokens": len(req.ids), "total_tokens": len(ids) + len(req.ids)}
         if chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": req.text.strip()},
-                      "logprobs": None, "finish_reason": req.finish_reason}
-            return {"id": rid, "object": "chat.completion", "created": created, "model": body.model,
-                    "choices": [choice], "usage": usage}
+            choice = {
+                "index": 0,
+                "message": {"role": "assistant", "content": req.text.strip()},
+                "logprobs": None,
+                "finish_reason": req.finish_reason,
+            }
+            return {
+                "id": rid,
+                "object": "chat.completion",
+                "created": created,
+                "model": body.model,
+                "choices": [choice],
+                "usage": usage,
+            }
         choice = {"index": 0, "text": echo + req.text, "logprobs": None, "finish_reason": req.finish_reason}
-        return {"id": rid, "object": "text_completion", "created": created, "model": body.model,
-                "choices": [choice], "usage": usage}
+        return {
+            "id": rid,
+            "object": "text_completion",
+            "created": created,
+            "model": body.model,
+            "choices": [choice],
+            "usage": usage,
+        }
 
     async def stream(req: Request, events: asyncio.Queue, rid: str, created: int, body, chat: bool, echo: str):
         obj = "chat.completion.chunk" if chat else "text_completion"
@@ -309,16 +388,31 @@ def create_app(engine: Engine, *, api_key: str | None = None, adapters_dir: str 
                         yield chunk(text, None)
                     continue
                 if req.finish_reason == "error":
-                    err = {"error": {"message": req.error or "generation failed", "type": "server_error",
-                                     "param": None, "code": "generation_failed"}}
+                    err = {
+                        "error": {
+                            "message": req.error or "generation failed",
+                            "type": "server_error",
+                            "param": None,
+                            "code": "generation_failed",
+                        }
+                    }
                     yield f"data: {json.dumps(err)}\n\n"
                 else:
                     yield chunk(None, req.finish_reason)
                     if body.include_usage:
-                        usage = {"prompt_tokens": len(req.prompt_ids), "completion_tokens": len(req.ids),
-                                 "total_tokens": len(req.prompt_ids) + len(req.ids)}
-                        payload = {"id": rid, "object": obj, "created": created, "model": body.model,
-                                   "choices": [], "usage": usage}
+                        usage = {
+                            "prompt_tokens": len(req.prompt_ids),
+                            "completion_tokens": len(req.ids),
+                            "total_tokens": len(req.prompt_ids) + len(req.ids),
+                        }
+                        payload = {
+                            "id": rid,
+                            "object": obj,
+                            "created": created,
+                            "model": body.model,
+                            "choices": [],
+                            "usage": usage,
+                        }
                         yield f"data: {json.dumps(payload)}\n\n"
                 yield "data: [DONE]\n\n"
                 return

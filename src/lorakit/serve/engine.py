@@ -13,6 +13,7 @@ Adapters are loaded and unloaded by the worker between steps, so no step ever se
 change under it; an adapter being unloaded takes no new requests and is freed when its last
 request ends.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -22,10 +23,10 @@ import queue
 import secrets
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 from peft import PeftModel
@@ -55,6 +56,7 @@ class EngineError(LorakitError):
 @dataclass
 class Request:
     """One generation: its prompt, its model, its limits, and what it has produced so far."""
+
     prompt_ids: list[int]
     model: str  # the base's name or an adapter's name
     adapter: str | None  # None = the base
@@ -131,13 +133,18 @@ class _Batch:
     def __init__(self, rows, cache, mask, last, pos):
         self.rows, self.cache, self.mask, self.last, self.pos = rows, cache, mask, last, pos
 
-    def merge(self, other: "_Batch") -> None:
+    def merge(self, other: _Batch) -> None:
         from transformers import DynamicCache
+
         width = max(self.mask.shape[1], other.mask.shape[1])
         layers = []
         for a, b in zip(self.cache.layers, other.cache.layers):
-            layers.append((torch.cat([_pad_left(a.keys, width, 2), _pad_left(b.keys, width, 2)]),
-                           torch.cat([_pad_left(a.values, width, 2), _pad_left(b.values, width, 2)])))
+            layers.append(
+                (
+                    torch.cat([_pad_left(a.keys, width, 2), _pad_left(b.keys, width, 2)]),
+                    torch.cat([_pad_left(a.values, width, 2), _pad_left(b.values, width, 2)]),
+                )
+            )
         self.cache = DynamicCache(ddp_cache_data=layers)
         self.mask = torch.cat([_pad_left(self.mask, width, 1), _pad_left(other.mask, width, 1)])
         self.last = torch.cat([self.last, other.last])
@@ -160,10 +167,22 @@ class _Batch:
 
 
 class Engine:
-    def __init__(self, base: str, *, base_name: str | None = None, template: str | None = None,
-                 dtype: str = "auto", device: str | None = None, max_batch_size: int = 8,
-                 max_queue: int = 64, batch_wait_ms: float = 10.0, max_prompt_tokens: int | None = None,
-                 max_tokens_limit: int = 1024, trust_remote_code: bool = False, metrics=None):
+    def __init__(
+        self,
+        base: str,
+        *,
+        base_name: str | None = None,
+        template: str | None = None,
+        dtype: str = "auto",
+        device: str | None = None,
+        max_batch_size: int = 8,
+        max_queue: int = 64,
+        batch_wait_ms: float = 10.0,
+        max_prompt_tokens: int | None = None,
+        max_tokens_limit: int = 1024,
+        trust_remote_code: bool = False,
+        metrics=None,
+    ):
         if max_batch_size < 1 or max_queue < 1:
             raise LorakitError("serve: --max-batch-size and --max-queue must be at least 1")
         self.base = base
@@ -173,8 +192,12 @@ class Engine:
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        torch_dtype = {"auto": torch.bfloat16 if device.startswith("cuda") else torch.float32,
-                       "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype)
+        torch_dtype = {
+            "auto": torch.bfloat16 if device.startswith("cuda") else torch.float32,
+            "float32": torch.float32,
+            "bfloat16": torch.bfloat16,
+            "float16": torch.float16,
+        }.get(dtype)
         if torch_dtype is None:
             raise LorakitError(f"serve: --dtype must be auto, float32, bfloat16 or float16, not {dtype!r}")
         self.model = load_model(model_path, dtype=torch_dtype, trust_remote_code=trust_remote_code).to(device)
@@ -224,12 +247,20 @@ class Engine:
         folder = check_adapter_dir(path)
         config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
         if config.get("use_dora"):
-            raise EngineError(f"adapter {folder.name}: DoRA adapters cannot share a batch with other rows (peft "
-                              "limitation); serve it merged instead: lorakit merge, then lorakit serve --base MERGED",
-                              400, "unsupported_adapter", "path")
+            raise EngineError(
+                f"adapter {folder.name}: DoRA adapters cannot share a batch with other rows (peft "
+                "limitation); serve it merged instead: lorakit merge, then lorakit serve --base MERGED",
+                400,
+                "unsupported_adapter",
+                "path",
+            )
         if config.get("peft_type", "LORA") != "LORA":
-            raise EngineError(f"adapter {folder.name}: only LoRA adapters can be served, not {config.get('peft_type')}",
-                              400, "unsupported_adapter", "path")
+            raise EngineError(
+                f"adapter {folder.name}: only LoRA adapters can be served, not {config.get('peft_type')}",
+                400,
+                "unsupported_adapter",
+                "path",
+            )
         with self._lock:
             if name == self.base_name or name in self.adapters:
                 raise EngineError(f"a model named '{name}' is already loaded", 409, "model_exists", "name")
@@ -291,8 +322,9 @@ class Engine:
         for i, t in enumerate(turns):
             if t.role not in ("user", "assistant"):
                 raise EngineError(f"messages[{i}]: unknown role '{t.role}'", 400, param="messages")
-        return prompt_ids_for(self.template_for(model), self.tokenizer, turns[-1].content, history=turns[:-1],
-                              system=system)
+        return prompt_ids_for(
+            self.template_for(model), self.tokenizer, turns[-1].content, history=turns[:-1], system=system
+        )
 
     def text_prompt_ids(self, prompt: str) -> list[int]:
         return encode_prompt(self.tokenizer, prompt)
@@ -304,15 +336,18 @@ class Engine:
         if n == 0:
             raise EngineError("the prompt is empty", 400, param="prompt")
         if n > self.max_prompt_tokens:
-            raise EngineError(f"the prompt is {n} tokens; this server takes at most {self.max_prompt_tokens}",
-                              400, "context_length_exceeded", "messages")
+            raise EngineError(
+                f"the prompt is {n} tokens; this server takes at most {self.max_prompt_tokens}",
+                400,
+                "context_length_exceeded",
+                "messages",
+            )
         request.max_tokens = max(1, min(request.max_tokens, self.context_len - n))
         with self._lock:
             if request.model != self.base_name:
                 info = self.adapters.get(request.model)
                 if info is None or info.unloading:
-                    raise EngineError(f"The model '{request.model}' does not exist", 404, "model_not_found",
-                                      "model")
+                    raise EngineError(f"The model '{request.model}' does not exist", 404, "model_not_found", "model")
                 request.adapter = request.model
                 stops = info.stops
             else:
@@ -322,8 +357,11 @@ class Engine:
             request.stop = list(dict.fromkeys(list(request.stop) + list(stops.strings)))
             request.stop_ids = frozenset(stops.token_ids)
             if self._admitted >= self.max_queue:
-                raise EngineError(f"the server is at capacity ({self.max_queue} requests in progress); retry shortly",
-                                  503, "overloaded")
+                raise EngineError(
+                    f"the server is at capacity ({self.max_queue} requests in progress); retry shortly",
+                    503,
+                    "overloaded",
+                )
             self._admitted += 1
             if request.adapter is not None:
                 self.adapters[request.adapter].in_flight += 1
@@ -428,11 +466,13 @@ class Engine:
         pad = self.tokenizer.pad_token_id
         width = max(len(r.prompt_ids) for r in rows)
         ids = torch.tensor([[pad] * (width - len(r.prompt_ids)) + r.prompt_ids for r in rows], device=self.device)
-        mask = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in rows],
-                            device=self.device)
+        mask = torch.tensor(
+            [[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in rows], device=self.device
+        )
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        out = self._forward(rows, input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                            logits_to_keep=1)
+        out = self._forward(
+            rows, input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1
+        )
         tokens = _pick_tokens(out.logits[:, -1, :].float(), rows)
         batch = _Batch(rows, self._out_cache(out), mask, tokens, mask.sum(-1))
         self._take(batch, tokens)
@@ -443,9 +483,15 @@ class Engine:
         """One step for every row."""
         mask = torch.cat([batch.mask, batch.mask.new_ones(len(batch.rows), 1)], dim=1)
         length = batch.cache.get_seq_length()
-        out = self._forward(batch.rows, input_ids=batch.last[:, None], attention_mask=mask,
-                            position_ids=batch.pos[:, None], cache_position=torch.tensor([length], device=self.device),
-                            use_cache=True, **{self._cache_arg: batch.cache})
+        out = self._forward(
+            batch.rows,
+            input_ids=batch.last[:, None],
+            attention_mask=mask,
+            position_ids=batch.pos[:, None],
+            cache_position=torch.tensor([length], device=self.device),
+            use_cache=True,
+            **{self._cache_arg: batch.cache},
+        )
         batch.cache, batch.mask, batch.pos = self._out_cache(out), mask, batch.pos + 1
         batch.last = _pick_tokens(out.logits[:, -1, :].float(), batch.rows)
         if self.metrics is not None:
@@ -495,7 +541,7 @@ class Engine:
 
     def _emit(self, r: Request, upto: int) -> None:
         if upto > r.sent and r.on_event is not None:
-            r.on_event("delta", r.text[r.sent:upto])
+            r.on_event("delta", r.text[r.sent : upto])
         r.sent = max(r.sent, upto)
 
     def _finish(self, r: Request, reason: str) -> None:
@@ -513,10 +559,14 @@ class Engine:
             r.on_event("done", reason)
 
     # ---- convenience for tests and scripts -------------------------------------------------
-    def generate_text(self, prompt_ids: list[int], model: str | None = None, max_tokens: int = 64,
-                      **sampling) -> Request:
+    def generate_text(
+        self, prompt_ids: list[int], model: str | None = None, max_tokens: int = 64, **sampling
+    ) -> Request:
         """Submit one request and wait for it."""
-        r = self.submit(Request(prompt_ids=prompt_ids, model=model or self.base_name, adapter=None,
-                                max_tokens=max_tokens, **sampling))
+        r = self.submit(
+            Request(
+                prompt_ids=prompt_ids, model=model or self.base_name, adapter=None, max_tokens=max_tokens, **sampling
+            )
+        )
         r.done.wait()
         return r

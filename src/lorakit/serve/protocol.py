@@ -2,9 +2,10 @@
 
 Unknown fields are ignored (OpenAI clients send more than a small server uses); known fields
 are type-checked (400 when wrong) and range-checked (422 when out of range)."""
+
 from __future__ import annotations
 
-from typing import Literal, Optional, Union
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator
 
@@ -15,15 +16,15 @@ class _Sampling(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: StrictStr
-    max_tokens: Optional[StrictInt] = Field(None, ge=1)
-    temperature: Optional[float] = Field(None, ge=0.0, le=2.0)
-    top_p: Optional[float] = Field(None, gt=0.0, le=1.0)
-    stop: Optional[Union[StrictStr, list[StrictStr]]] = None
-    seed: Optional[StrictInt] = Field(None, ge=0, le=2**63 - 1)
+    max_tokens: StrictInt | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    stop: StrictStr | list[StrictStr] | None = None
+    seed: StrictInt | None = Field(None, ge=0, le=2**63 - 1)
     stream: StrictBool = False
-    stream_options: Optional[dict] = None
+    stream_options: dict | None = None
     n: StrictInt = Field(1, ge=1, le=1)
-    user: Optional[StrictStr] = None
+    user: StrictStr | None = None
 
     @field_validator("stop")
     @classmethod
@@ -51,7 +52,7 @@ class TextPart(BaseModel):
 class Message(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "developer", "user", "assistant"]
-    content: Union[StrictStr, list[TextPart]]
+    content: StrictStr | list[TextPart]
 
     def text(self) -> str:
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
@@ -59,7 +60,7 @@ class Message(BaseModel):
 
 class ChatCompletionRequest(_Sampling):
     messages: list[Message] = Field(..., min_length=1)
-    max_completion_tokens: Optional[StrictInt] = Field(None, ge=1)
+    max_completion_tokens: StrictInt | None = Field(None, ge=1)
 
 
 class CompletionRequest(_Sampling):

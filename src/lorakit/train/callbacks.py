@@ -1,9 +1,9 @@
 """Trainer callbacks: the JSONL log, checkpoint markers, loss guards, the live progress line."""
+
 from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from pathlib import Path
 
@@ -11,9 +11,15 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 
 from ..files import atomic_write_json
-from ..runfolder import (CHECKPOINT_MARKER, TRAIN_LOG, checkpoint_dir, checkpoint_step,  # noqa: F401 - re-exported
-                         complete_checkpoints, incomplete_checkpoints, read_train_log)
-
+from ..runfolder import (  # noqa: F401 - re-exported
+    CHECKPOINT_MARKER,
+    TRAIN_LOG,
+    checkpoint_dir,
+    checkpoint_step,
+    complete_checkpoints,
+    incomplete_checkpoints,
+    read_train_log,
+)
 
 
 class JsonlLogCallback(TrainerCallback):
@@ -41,9 +47,13 @@ class JsonlLogCallback(TrainerCallback):
         total = state.max_steps or None
         done = state.global_step - self.start_step
         remaining = (elapsed / done * max(total - state.global_step, 0)) if total and done > 0 else None
-        record = {"step": state.global_step, "total_steps": total, "epoch": round(state.epoch or 0.0, 4),
-                  "elapsed_s": round(elapsed, 2),
-                  "remaining_s": round(remaining, 2) if remaining is not None else None}
+        record = {
+            "step": state.global_step,
+            "total_steps": total,
+            "epoch": round(state.epoch or 0.0, 4),
+            "elapsed_s": round(elapsed, 2),
+            "remaining_s": round(remaining, 2) if remaining is not None else None,
+        }
         for k, v in logs.items():
             if isinstance(v, float) and not math.isfinite(v):
                 v = str(v)  # JSON has no NaN/inf
@@ -52,8 +62,8 @@ class JsonlLogCallback(TrainerCallback):
             f.write(json.dumps(record) + "\n")
 
 
-
 # ---- checkpoints -------------------------------------------------------------------------------
+
 
 class CheckpointMarkerCallback(TrainerCallback):
     """Marks a checkpoint complete once the Trainer has written all of it (weights, optimizer,
@@ -73,8 +83,8 @@ class CheckpointMarkerCallback(TrainerCallback):
             atomic_write_json(folder / CHECKPOINT_MARKER, {"step": state.global_step, "time": time.time()})
 
 
-
 # ---- guards and the live line -----------------------------------------------------------------
+
 
 class LossGuardCallback(TrainerCallback):
     """Warns when the train loss is exactly 0 for several logs in a row (usually every label is
@@ -95,10 +105,14 @@ class LossGuardCallback(TrainerCallback):
         self.zero_run = self.zero_run + 1 if loss == 0.0 else 0
         if self.zero_run >= self.zero_loss_warn_steps and not self.warned:
             self.warned = True
-            warn(f"the train loss has been exactly 0 for {self.zero_run} logs in a row (step {state.global_step}); "
-                 "this usually means no token is left in the loss (check train_on_inputs, cutoff_len and the data)")
+            warn(
+                f"the train loss has been exactly 0 for {self.zero_run} logs in a row (step {state.global_step}); "
+                "this usually means no token is left in the loss (check train_on_inputs, cutoff_len and the data)"
+            )
         if self.stop_at_loss > 0 and 0 < loss <= self.stop_at_loss:
-            info(f"train loss {loss:.4f} reached stop_at_loss={self.stop_at_loss} at step {state.global_step}; stopping")
+            info(
+                f"train loss {loss:.4f} reached stop_at_loss={self.stop_at_loss} at step {state.global_step}; stopping"
+            )
             control.should_training_stop = True
 
 

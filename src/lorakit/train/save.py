@@ -8,9 +8,9 @@ Atomicity: files are written into ``output_dir/.saving-<pid>`` and moved with os
 per file on one filesystem); the manifest is written last and removed first, so a folder whose
 manifest is present always holds a complete, verified adapter.
 """
+
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
@@ -19,7 +19,6 @@ import torch
 from safetensors.torch import load_file
 
 from ..errors import LorakitError
-
 from ..files import atomic_write_json, atomic_write_text
 from ..runfolder import ADAPTER_CONFIG, ADAPTER_WEIGHTS, MANIFEST, STAGING_PREFIX
 
@@ -52,7 +51,8 @@ def verify_adapter(model, folder: Path, probe_ids: torch.Tensor | None, atol: fl
         raise AdapterVerificationError(f"{weights_file}: the saved adapter is empty (no tensors)")
     if len(saved) < len(expected):
         raise AdapterVerificationError(
-            f"{weights_file}: holds {len(saved)} tensors but the model has {len(expected)} LoRA weights")
+            f"{weights_file}: holds {len(saved)} tensors but the model has {len(expected)} LoRA weights"
+        )
     for name, t in saved.items():
         if not torch.isfinite(t).all():
             raise AdapterVerificationError(f"{weights_file}: tensor {name} holds NaN or inf")
@@ -60,19 +60,32 @@ def verify_adapter(model, folder: Path, probe_ids: torch.Tensor | None, atol: fl
     if lora_b and all(float(t.abs().max()) == 0.0 for t in lora_b):
         raise AdapterVerificationError(
             f"{weights_file}: every lora_B weight is zero, so the adapter changes nothing; "
-            "training did not update it (check learning_rate, max_steps and the data)")
+            "training did not update it (check learning_rate, max_steps and the data)"
+        )
 
     # The config, read back as peft reads it, must describe the in-memory adapter.
     from peft import PeftConfig, get_peft_model_state_dict, set_peft_model_state_dict
+
     saved_cfg = PeftConfig.from_pretrained(str(folder)).to_dict()
     live_cfg = model.peft_config["default"].to_dict()
-    for key in ("r", "lora_alpha", "target_modules", "bias", "use_rslora", "use_dora",
-                "rank_pattern", "alpha_pattern", "modules_to_save"):
+    for key in (
+        "r",
+        "lora_alpha",
+        "target_modules",
+        "bias",
+        "use_rslora",
+        "use_dora",
+        "rank_pattern",
+        "alpha_pattern",
+        "modules_to_save",
+    ):
         a, b = saved_cfg.get(key), live_cfg.get(key)
         if isinstance(a, (list, set)) and isinstance(b, (list, set)):
             a, b = sorted(a), sorted(b)
         if a != b:
-            raise AdapterVerificationError(f"{folder / ADAPTER_CONFIG}: {key} is {a!r} but the trained adapter has {b!r}")
+            raise AdapterVerificationError(
+                f"{folder / ADAPTER_CONFIG}: {key} is {a!r} but the trained adapter has {b!r}"
+            )
 
     if probe_ids is None:
         return {"tensors": len(saved), "max_logit_diff": None, "size_bytes": weights_file.stat().st_size}
@@ -92,7 +105,8 @@ def verify_adapter(model, folder: Path, probe_ids: torch.Tensor | None, atol: fl
             if getattr(result, "unexpected_keys", None) or missing:
                 raise AdapterVerificationError(
                     f"{weights_file}: tensor names do not match the model "
-                    f"(unexpected {list(result.unexpected_keys)[:3]}, missing {missing[:3]})")
+                    f"(unexpected {list(result.unexpected_keys)[:3]}, missing {missing[:3]})"
+                )
             got = model(input_ids=probe_ids).logits.float()
     finally:
         set_peft_model_state_dict(model, live)
@@ -100,13 +114,20 @@ def verify_adapter(model, folder: Path, probe_ids: torch.Tensor | None, atol: fl
     diff = float((ref - got).abs().max())
     if not diff <= atol:
         raise AdapterVerificationError(
-            f"{folder}: the saved adapter does not reproduce the trained model (max logit diff {diff:.3g})")
-    return {"tensors": len(saved), "max_logit_diff": diff,
-            "size_bytes": weights_file.stat().st_size}
+            f"{folder}: the saved adapter does not reproduce the trained model (max logit diff {diff:.3g})"
+        )
+    return {"tensors": len(saved), "max_logit_diff": diff, "size_bytes": weights_file.stat().st_size}
 
 
-def save_verified_adapter(model, tokenizer, output_dir: Path, extra_files: dict[str, str],
-                          probe_ids: torch.Tensor | None, manifest: dict, staging: Path | None = None) -> dict:
+def save_verified_adapter(
+    model,
+    tokenizer,
+    output_dir: Path,
+    extra_files: dict[str, str],
+    probe_ids: torch.Tensor | None,
+    manifest: dict,
+    staging: Path | None = None,
+) -> dict:
     """Save adapter + tokenizer + extra text files into output_dir, verified and atomic.
 
     With ``staging`` given, the adapter files are already there (written collectively by

@@ -9,6 +9,7 @@ tracker. lorakit adds two things:
 - at the end of the run, the manifest's figures (losses, timings, tokens/s, parameter counts,
   eval scores) as summary metrics and its settings as params.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -97,6 +98,7 @@ class TrackerRuns(TrainerCallback):
         if "mlflow" not in (args.report_to or []) or importlib.util.find_spec("mlflow") is None:
             return None
         import mlflow
+
         return mlflow
 
     def on_train_begin(self, args, state, control, **kwargs):
@@ -123,12 +125,12 @@ def send_summary(manifest: dict, report_to: list[str], runs: TrackerRuns | None 
     if "mlflow" in report_to:
         try:
             _mlflow_summary(metrics, params, runs)
-        except Exception as e:  # noqa: BLE001 - a tracker outage must not fail a finished run
+        except Exception as e:
             warn(f"report_to: could not send the summary to mlflow ({type(e).__name__}: {e})")
     if "wandb" in report_to:
         try:
             _wandb_summary(metrics, params)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             warn(f"report_to: could not send the summary to wandb ({type(e).__name__}: {e})")
 
 

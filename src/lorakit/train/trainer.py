@@ -5,6 +5,7 @@
 - Real (non-padding) tokens are counted, so tokens/s means work done, not padding.
 - Every training log carries tokens/s and a summary of the LoRA weights' norms.
 """
+
 from __future__ import annotations
 
 import time
@@ -37,7 +38,10 @@ def lora_norms(model) -> dict[str, tuple[float, float, float]]:
         scaling = module.scaling.get("default", 1.0) if hasattr(module, "scaling") else 1.0
         ba_sq = ((b.T @ b) * (a @ a.T)).sum().clamp_min(0)
         norms[name.removeprefix("base_model.model.")] = (
-            float(a.norm()), float(b.norm()), float(scaling * ba_sq.sqrt()))
+            float(a.norm()),
+            float(b.norm()),
+            float(scaling * ba_sq.sqrt()),
+        )
     return norms
 
 
@@ -79,14 +83,17 @@ class LorakitTrainer(Trainer):
             keep = torch.zeros(1, dtype=torch.long, device=labels.device)
         targets = next_labels[:, keep]
         logits = model(**inputs, logits_to_keep=keep).logits.float()
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                                 targets.reshape(-1), ignore_index=-100, reduction="sum")
+        loss = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="sum"
+        )
         if num_items_in_batch is not None:
             loss = loss / num_items_in_batch
             if self.args.average_tokens_across_devices and self.args.world_size > 1:
                 loss = loss * self.args.world_size  # DDP averages gradients over processes
         else:
-            loss = loss / (targets != -100).sum().clamp_min(1) / getattr(self, "current_gradient_accumulation_steps", 1)
+            loss = (
+                loss / (targets != -100).sum().clamp_min(1) / getattr(self, "current_gradient_accumulation_steps", 1)
+            )
         return loss
 
     def training_step(self, model, inputs, num_items_in_batch=None):
@@ -101,9 +108,11 @@ class LorakitTrainer(Trainer):
             torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
         if bad.item() > 0:
             step = self.state.global_step + 1
-            raise TrainingDiverged(f"the training loss became {'nan or inf' if torch.isfinite(loss).all() else float(loss)} "
-                                   f"at step {step}; "
-                                   "the run stopped before applying it")
+            raise TrainingDiverged(
+                f"the training loss became {'nan or inf' if torch.isfinite(loss).all() else float(loss)} "
+                f"at step {step}; "
+                "the run stopped before applying it"
+            )
         return loss
 
     def _get_train_sampler(self, train_dataset=None):
@@ -114,8 +123,10 @@ class LorakitTrainer(Trainer):
         ds = train_dataset if train_dataset is not None else self.train_dataset
         a = self.args
         if a.train_sampling_strategy == "group_by_length" and ds is not None and hasattr(ds, "__len__"):
-            return LengthGroupedSampler(a.per_device_train_batch_size * a.gradient_accumulation_steps * a.world_size,
-                                        lengths=[len(f["input_ids"]) for f in ds])
+            return LengthGroupedSampler(
+                a.per_device_train_batch_size * a.gradient_accumulation_steps * a.world_size,
+                lengths=[len(f["input_ids"]) for f in ds],
+            )
         return super()._get_train_sampler(train_dataset)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
@@ -137,6 +148,7 @@ class LorakitTrainer(Trainer):
     def is_sharded(self) -> bool:
         """Whether the weights are split over processes (DeepSpeed ZeRO-3 or FSDP)."""
         from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
         return bool(getattr(self, "is_fsdp_enabled", False)) or is_deepspeed_zero3_enabled()
 
     def _per_layer_norms_to_trackers(self, norms) -> None:

@@ -6,6 +6,7 @@ LorakitError (a user's mistake) into a one-line message on the page; any other e
 shown too, never swallowed. Components the browser test needs carry an ``elem_id``
 (``train-start``, ``chat-input``, ...).
 """
+
 from __future__ import annotations
 
 import os
@@ -33,8 +34,11 @@ CSS = train.CSS
 
 def build_app(workdir: Workdir, runs: RunManager | None = None, session: ModelSession | None = None) -> gr.Blocks:
     with gr.Blocks(title="lorakit", analytics_enabled=False) as page:
-        gr.Markdown(f"# lorakit\nFine-tune with LoRA, talk to the result, compare it with the base model. "
-                    f"Workdir: `{workdir.root}`", elem_id="header")
+        gr.Markdown(
+            f"# lorakit\nFine-tune with LoRA, talk to the result, compare it with the base model. "
+            f"Workdir: `{workdir.root}`",
+            elem_id="header",
+        )
         shared = Shared(workdir, runs or RunManager(), session or ModelSession())
         with gr.Tabs(elem_id="tabs"):
             tabs = [module.build(shared) for module in TABS]
@@ -58,8 +62,10 @@ def launch(workdir: str | Path = "lorakit-ui", host: str = "127.0.0.1", port: in
         try:
             probe.bind((host, port))
         except OSError as e:
-            raise LorakitError(f"--port: cannot listen on {host}:{port} ({e.strerror or e}); "
-                               "is another page running there? choose another --port") from None
+            raise LorakitError(
+                f"--port: cannot listen on {host}:{port} ({e.strerror or e}); "
+                "is another page running there? choose another --port"
+            ) from None
     wd = Workdir(workdir)
     runs = RunManager()
     atexit.register(runs.shutdown)
@@ -69,5 +75,12 @@ def launch(workdir: str | Path = "lorakit-ui", host: str = "127.0.0.1", port: in
     page = build_app(wd, runs, ModelSession())
     page.queue(default_concurrency_limit=4)
     print(f"lorakit ui: workdir {wd.root}", flush=True)
-    page.launch(server_name=host, server_port=port, show_error=True, allowed_paths=[str(wd.root)],
-                theme=gr.themes.Default(primary_hue="indigo"), css=CSS, footer_links=["gradio"])
+    page.launch(
+        server_name=host,
+        server_port=port,
+        show_error=True,
+        allowed_paths=[str(wd.root)],
+        theme=gr.themes.Default(primary_hue="indigo"),
+        css=CSS,
+        footer_links=["gradio"],
+    )

@@ -1,5 +1,6 @@
 """The Evaluate and export actions of the page: `lorakit eval` and `lorakit merge`, in-process,
 writing into the workdir, each with the command that repeats it from a terminal."""
+
 from __future__ import annotations
 
 import shlex
@@ -10,8 +11,17 @@ from pathlib import Path
 from ..errors import LorakitError
 from .workdir import Workdir, check_name
 
-SCORE_KEYS = ("contains", "exact_match", "f1", "bleu", "rouge_l", "loss", "perplexity",
-              "latency_p50_s", "tokens_per_s")
+SCORE_KEYS = (
+    "contains",
+    "exact_match",
+    "f1",
+    "bleu",
+    "rouge_l",
+    "loss",
+    "perplexity",
+    "latency_p50_s",
+    "tokens_per_s",
+)
 
 
 @dataclass
@@ -30,9 +40,15 @@ class EvalOutcome:
         return "\n".join(s.markdown() for s in self.sections if s.key != "plots")
 
 
-def run_evaluation(workdir: Workdir, data_values: list[str], adapter_keys: list[str], base: str | None,
-                   metrics: list[str] | None = None, limit: int | None = None,
-                   max_new_tokens: int = 64) -> EvalOutcome:
+def run_evaluation(
+    workdir: Workdir,
+    data_values: list[str],
+    adapter_keys: list[str],
+    base: str | None,
+    metrics: list[str] | None = None,
+    limit: int | None = None,
+    max_new_tokens: int = 64,
+) -> EvalOutcome:
     """`lorakit eval`: the base and each adapter on the chosen sets; report in WORKDIR/eval/<time>."""
     from ..eval.report import read_report_sections
     from ..eval.runner import evaluate
@@ -45,8 +61,9 @@ def run_evaluation(workdir: Workdir, data_values: list[str], adapter_keys: list[
         raise LorakitError("evaluate: choose a base model or at least one adapter")
     limit = int(limit) if limit else None
     out = workdir.eval_dir / f"eval-{datetime.now():%Y%m%d-%H%M%S}"
-    result = evaluate(base or None, adapters, data, out, metrics=metrics or None, limit=limit,
-                      max_new_tokens=int(max_new_tokens))
+    result = evaluate(
+        base or None, adapters, data, out, metrics=metrics or None, limit=limit, max_new_tokens=int(max_new_tokens)
+    )
     argv = ["lorakit", "eval"] + [x for d in data for x in ("--data", d)] + ["--out", str(out)]
     argv += [x for a in adapters for x in ("--adapter", a)]
     if base:
@@ -57,32 +74,42 @@ def run_evaluation(workdir: Workdir, data_values: list[str], adapter_keys: list[
         argv += ["--limit", str(limit)]
     argv += ["--max-new-tokens", str(int(max_new_tokens))]
 
-    present = [k for k in SCORE_KEYS if any(k in row for per_set in result["scores"].values()
-                                             for row in per_set.values())]
+    present = [
+        k for k in SCORE_KEYS if any(k in row for per_set in result["scores"].values() for row in per_set.values())
+    ]
     rows = []
     for model, per_set in result["scores"].items():
         for set_name, row in per_set.items():
             rows.append([model, set_name] + [_cell(row.get(k)) for k in present])
     sections = read_report_sections(out)
     plots = [out / name for s in sections for name in s.plots]
-    return EvalOutcome(out_dir=out, command=shlex.join(argv), headers=["model", "set"] + present, rows=rows,
-                       sections=sections, plots=plots, html=out / "report.html")
+    return EvalOutcome(
+        out_dir=out,
+        command=shlex.join(argv),
+        headers=["model", "set"] + present,
+        rows=rows,
+        sections=sections,
+        plots=plots,
+        html=out / "report.html",
+    )
 
 
 def _cell(v):
     return round(v, 4) if isinstance(v, float) else ("" if v is None else v)
 
 
-def merge_into_workdir(workdir: Workdir, adapter_key: str, name: str = "", dtype: str = "fp32",
-                       base: str | None = None) -> tuple[Path, str]:
+def merge_into_workdir(
+    workdir: Workdir, adapter_key: str, name: str = "", dtype: str = "fp32", base: str | None = None
+) -> tuple[Path, str]:
     """`lorakit merge`: the adapter merged into its base, as WORKDIR/merged/NAME (a standalone
     model folder). Returns (folder, the command that repeats it)."""
     from ..infer.merge import merge_adapter
     from .inference import adapter_base
 
     folder = workdir.resolve_adapter(adapter_key)
-    name = check_name(name, "merged model name") if (name or "").strip() else (
-        adapter_key.replace("/", "-") + "-merged")
+    name = (
+        check_name(name, "merged model name") if (name or "").strip() else (adapter_key.replace("/", "-") + "-merged")
+    )
     out = workdir.merged_dir / name
     base = base or adapter_base(folder)
     path = merge_adapter(folder, out, base=base, dtype=dtype)

@@ -8,22 +8,21 @@ Prompts are built as ``lorakit generate`` builds them: the one template policy
 (``resolve_template``), the same prompt ids (``prompt_ids_for``), the same stops at the
 template's turn markers (``generate_kwargs``, ``answer_text``).
 """
+
 from __future__ import annotations
 
 import json
 import re
 import threading
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import torch
-import yaml
 
 from ..data.records import Turn
 from ..data.templates import PromptTemplate, recorded_template, resolve_template
-from ..data.tokenize import encode_prompt
 from ..errors import LorakitError, ModelError
 from ..infer.adapters import base_model_of, check_adapter_dir, load_adapter, unload_adapter
 from ..infer.generate import GenerationParams, answer_text, generate_kwargs, prompt_ids_for, recorded_base_model
@@ -80,6 +79,7 @@ class _StopWhenSet:
 @dataclass
 class Speaker:
     """Who answers: the base model alone, or the base with one adapter."""
+
     base: str
     adapter_key: str | None = None
     adapter_folder: Path | None = None
@@ -171,8 +171,17 @@ class ModelSession:
     def _prompt(self, template: PromptTemplate, message: str, history: list[Turn], system: str) -> torch.Tensor:
         return torch.tensor([prompt_ids_for(template, self.tokenizer, message, history=history, system=system)])
 
-    def _generate(self, speaker: Speaker, template: PromptTemplate, message: str, history: list[Turn],
-                  system: str, params: GenerationParams, streamer=None, stop: threading.Event | None = None) -> str:
+    def _generate(
+        self,
+        speaker: Speaker,
+        template: PromptTemplate,
+        message: str,
+        history: list[Turn],
+        system: str,
+        params: GenerationParams,
+        streamer=None,
+        stop: threading.Event | None = None,
+    ) -> str:
         from transformers import StoppingCriteriaList
 
         ids = self._prompt(template, message, history, system)
@@ -183,12 +192,24 @@ class ModelSession:
         if streamer is not None:
             streamer.filter.stops = list(stops.strings)
         with torch.no_grad(), self._speaking(speaker) as model:
-            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), streamer=streamer,
-                                 stopping_criteria=criteria, **generate_kwargs(params, self.tokenizer, stops))
-        return answer_text(self.tokenizer, out[0, ids.shape[1]:], stops)
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                streamer=streamer,
+                stopping_criteria=criteria,
+                **generate_kwargs(params, self.tokenizer, stops),
+            )
+        return answer_text(self.tokenizer, out[0, ids.shape[1] :], stops)
 
-    def stream(self, speaker: Speaker, message: str, history: list[Turn] | None = None, system: str = "",
-               params: GenerationParams | None = None, template: str | None = None) -> Iterator[str]:
+    def stream(
+        self,
+        speaker: Speaker,
+        message: str,
+        history: list[Turn] | None = None,
+        system: str = "",
+        params: GenerationParams | None = None,
+        template: str | None = None,
+    ) -> Iterator[str]:
         """The answer so far, growing as tokens come (TextIteratorStreamer fed by a thread)."""
         params = params or GenerationParams()
         # the template's stop strings are set once the template is known (in _generate)
@@ -200,9 +221,17 @@ class ModelSession:
                 with self.lock:
                     self.prepare(speaker)
                     streamer.tokenizer = self.tokenizer
-                    self._generate(speaker, self.template_for(speaker, template), message, history or [],
-                                   system, params, streamer=streamer, stop=stop)
-            except BaseException as e:  # noqa: BLE001 - handed to the page below
+                    self._generate(
+                        speaker,
+                        self.template_for(speaker, template),
+                        message,
+                        history or [],
+                        system,
+                        params,
+                        streamer=streamer,
+                        stop=stop,
+                    )
+            except BaseException as e:
                 failure.append(e)
                 streamer.end()
 
@@ -219,24 +248,39 @@ class ModelSession:
         if failure:
             raise failure[0]
 
-    def answer(self, speaker: Speaker, message: str, history: list[Turn] | None = None, system: str = "",
-               params: GenerationParams | None = None, template: str | PromptTemplate | None = None) -> str:
+    def answer(
+        self,
+        speaker: Speaker,
+        message: str,
+        history: list[Turn] | None = None,
+        system: str = "",
+        params: GenerationParams | None = None,
+        template: str | PromptTemplate | None = None,
+    ) -> str:
         with self.lock:
             self.prepare(speaker)
             if not isinstance(template, PromptTemplate):
                 template = self.template_for(speaker, template)
             return self._generate(speaker, template, message, history or [], system, params or GenerationParams())
 
-    def compare(self, speakers: list[Speaker], message: str, system: str = "",
-                params: GenerationParams | None = None, template: str | None = None) -> Iterator[tuple[int, str, str]]:
+    def compare(
+        self,
+        speakers: list[Speaker],
+        message: str,
+        system: str = "",
+        params: GenerationParams | None = None,
+        template: str | None = None,
+    ) -> Iterator[tuple[int, str, str]]:
         """Each speaker's answer to one prompt, as (index, answer, template name) when it is ready.
         All answer with one template (the chosen one, else the first adapter's), so the answers
         differ by the weights only."""
         bases = {base_key(s.base) for s in speakers}
         if len(bases) > 1:
-            raise LorakitError("compare: these adapters were trained on different base models ("
-                               + ", ".join(f"{s.label}: {s.base}" for s in speakers if s.adapter_key)
-                               + "); compare adapters of one base")
+            raise LorakitError(
+                "compare: these adapters were trained on different base models ("
+                + ", ".join(f"{s.label}: {s.base}" for s in speakers if s.adapter_key)
+                + "); compare adapters of one base"
+            )
         with self.lock:
             for s in speakers:
                 self.prepare(s)
@@ -271,4 +315,3 @@ def manifest_text(folder: Path) -> str:
             except ValueError:
                 return path.read_text(encoding="utf-8", errors="replace")
     return "{}"
-

@@ -9,6 +9,7 @@ Layout (every folder is made on first use)::
     WORKDIR/merged/NAME/    merged models written by the Models tab (usable as base models too)
     WORKDIR/eval/NAME/      evaluation reports written by the Evaluate tab
 """
+
 from __future__ import annotations
 
 import json
@@ -23,31 +24,43 @@ from ..data.demo import write_demo_data
 from ..data.loader import load_examples
 from ..errors import DataError, LorakitError
 from ..models.registry import ALIASES, DEFAULT_BASE_MODEL, list_cached
-from ..runfolder import (ADAPTER_CONFIG, CHECKPOINT_MARKER, CONFIG_RECORD, MANIFEST, TRAIN_LOG,  # noqa: F401
-                         complete_checkpoints, read_train_log)
+from ..runfolder import (  # noqa: F401
+    ADAPTER_CONFIG,
+    CHECKPOINT_MARKER,
+    CONFIG_RECORD,
+    MANIFEST,
+    TRAIN_LOG,
+    complete_checkpoints,
+    read_train_log,
+)
 
 DATA_SUFFIXES = (".json", ".jsonl", ".ndjson", ".csv", ".parquet")
 # Dropdown values for the demo data (written into data/demo/ when first chosen).
 DEMO_TRAIN = "demo:train"
 DEMO_HELDOUT = "demo:heldout"
-DEMO_LABELS = {DEMO_TRAIN: "demo: the Marlowe persona (built in, 120 records)",
-               DEMO_HELDOUT: "demo: held-out persona questions (built in, 20 records)"}
+DEMO_LABELS = {
+    DEMO_TRAIN: "demo: the Marlowe persona (built in, 120 records)",
+    DEMO_HELDOUT: "demo: held-out persona questions (built in, 20 records)",
+}
 UI_CONFIG = "train.yaml"  # the config the page wrote; `lorakit train` repeats the run from it
-UI_LOG = "train.log"      # the run's stdout and stderr
+UI_LOG = "train.log"  # the run's stdout and stderr
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,79}$")
 
 
 def check_name(name: str, what: str = "adapter name") -> str:
     name = (name or "").strip()
     if not _NAME.match(name):
-        raise LorakitError(f"{what}: {name!r} is not a usable folder name (letters, digits, '.', '_', '-'; "
-                           "starting with a letter or digit)")
+        raise LorakitError(
+            f"{what}: {name!r} is not a usable folder name (letters, digits, '.', '_', '-'; "
+            "starting with a letter or digit)"
+        )
     return name
 
 
 @dataclass
 class AdapterInfo:
     """A training run folder under adapters/ (or a plain peft adapter copied there)."""
+
     name: str
     folder: Path
     manifest: dict | None = None
@@ -87,24 +100,46 @@ class AdapterInfo:
         """Name, status, base, data, LoRA, steps, final train loss, eval loss, created."""
         m, c = self.manifest or {}, self.config or {}
         t, lora, data = m.get("training") or {}, m.get("lora") or {}, m.get("data") or {}
-        status = "trained" if self.manifest else ("peft adapter" if self.trained else (
-            f"unfinished ({self.checkpoints[-1].name})" if self.checkpoints else "no adapter yet"))
+        status = (
+            "trained"
+            if self.manifest
+            else (
+                "peft adapter"
+                if self.trained
+                else (f"unfinished ({self.checkpoints[-1].name})" if self.checkpoints else "no adapter yet")
+            )
+        )
         targets = lora.get("target_modules", c.get("lora_target_modules"))
         data_path = data.get("path") or c.get("data_path") or ""
         records = f" ({data['records']} records)" if data.get("records") else ""
         losses = [r["loss"] for r in read_train_log(self.folder) if isinstance(r.get("loss"), (int, float))]
         final = losses[-1] if losses else None
         base = str(m.get("base_model") or c.get("base_model") or "")
-        return [self.name, status, Path(base).name if "/" in base and Path(base).exists() else base,
-                (Path(data_path).name + records) if data_path else "",
-                f"r={lora.get('r', c.get('lora_r', '?'))} alpha={lora.get('alpha', c.get('lora_alpha', '?'))} "
-                f"{_targets_text(targets)}",
-                t.get("global_steps", ""), _round(final), _round(t.get("eval_loss")),
-                (m.get("created") or "")[:19].replace("T", " ")]
+        return [
+            self.name,
+            status,
+            Path(base).name if "/" in base and Path(base).exists() else base,
+            (Path(data_path).name + records) if data_path else "",
+            f"r={lora.get('r', c.get('lora_r', '?'))} alpha={lora.get('alpha', c.get('lora_alpha', '?'))} "
+            f"{_targets_text(targets)}",
+            t.get("global_steps", ""),
+            _round(final),
+            _round(t.get("eval_loss")),
+            (m.get("created") or "")[:19].replace("T", " "),
+        ]
 
 
-SUMMARY_HEADERS = ["adapter", "status", "base model", "data", "LoRA", "steps", "final train loss",
-                   "eval loss", "created"]
+SUMMARY_HEADERS = [
+    "adapter",
+    "status",
+    "base model",
+    "data",
+    "LoRA",
+    "steps",
+    "final train loss",
+    "eval loss",
+    "created",
+]
 
 
 def _targets_text(targets) -> str:
@@ -153,14 +188,18 @@ class Workdir:
     def datasets(self) -> list[Path]:
         """Data files under data/, except the demo data (offered by its own choices)."""
         demo = self.data_dir / "demo"
-        return sorted(p for p in self.data_dir.rglob("*")
-                      if p.is_file() and p.suffix.lower() in DATA_SUFFIXES and demo not in p.parents)
+        return sorted(
+            p
+            for p in self.data_dir.rglob("*")
+            if p.is_file() and p.suffix.lower() in DATA_SUFFIXES and demo not in p.parents
+        )
 
     def dataset_choices(self, heldout: bool = False) -> list[tuple[str, str]]:
         """(label, value) pairs: the demo data first, then data/ files by their relative path."""
         demo = [DEMO_TRAIN, DEMO_HELDOUT] if heldout else [DEMO_TRAIN]
-        return ([(DEMO_LABELS[d], d) for d in demo]
-                + [(str(p.relative_to(self.data_dir)), str(p)) for p in self.datasets()])
+        return [(DEMO_LABELS[d], d) for d in demo] + [
+            (str(p.relative_to(self.data_dir)), str(p)) for p in self.datasets()
+        ]
 
     def resolve_dataset(self, value: str) -> Path:
         """A dropdown value -> the data file (the demo data is written on first use)."""
@@ -192,8 +231,11 @@ class Workdir:
         uploaded = Path(uploaded)
         name = Path(original_name or uploaded.name).name
         if Path(name).suffix.lower() not in DATA_SUFFIXES:
-            raise DataError(name, f"unsupported file kind {Path(name).suffix or '(no extension)'!r}; "
-                                  "upload a .json, .jsonl, .csv or .parquet file")
+            raise DataError(
+                name,
+                f"unsupported file kind {Path(name).suffix or '(no extension)'!r}; "
+                "upload a .json, .jsonl, .csv or .parquet file",
+            )
         try:
             loaded = load_examples(uploaded)
         except DataError as e:  # name the file as the user knows it, not gradio's temp path
@@ -214,15 +256,23 @@ class Workdir:
     # ---- adapters ---------------------------------------------------------------------------
     def adapter(self, name: str) -> AdapterInfo:
         folder = self.adapters_dir / name
-        return AdapterInfo(name=name, folder=folder, manifest=_read_json(folder / MANIFEST),
-                           config=_read_yaml(folder / CONFIG_RECORD),
-                           checkpoints=complete_checkpoints(folder) if folder.is_dir() else [])
+        return AdapterInfo(
+            name=name,
+            folder=folder,
+            manifest=_read_json(folder / MANIFEST),
+            config=_read_yaml(folder / CONFIG_RECORD),
+            checkpoints=complete_checkpoints(folder) if folder.is_dir() else [],
+        )
 
     def adapters(self) -> list[AdapterInfo]:
         """Run folders (and plain peft adapters) under adapters/, newest first."""
-        folders = [p for p in self.adapters_dir.iterdir()
-                   if p.is_dir() and not p.name.startswith(".")
-                   and ((p / ADAPTER_CONFIG).is_file() or (p / CONFIG_RECORD).is_file() or (p / UI_CONFIG).is_file())]
+        folders = [
+            p
+            for p in self.adapters_dir.iterdir()
+            if p.is_dir()
+            and not p.name.startswith(".")
+            and ((p / ADAPTER_CONFIG).is_file() or (p / CONFIG_RECORD).is_file() or (p / UI_CONFIG).is_file())
+        ]
         folders.sort(key=lambda p: p.stat().st_mtime, reverse=True)
         return [self.adapter(p.name) for p in folders]
 
@@ -249,7 +299,7 @@ class Workdir:
         choices = []
         for alias in ALIASES:
             note = "default" if alias == DEFAULT_BASE_MODEL else ""
-            note += ("" if alias in cached else (", " if note else "") + "fetched on first use")
+            note += "" if alias in cached else (", " if note else "") + "fetched on first use"
             choices.append((f"{alias} ({note})" if note else alias, alias))
         for name, model in cached.items():
             if name not in ALIASES:

@@ -6,6 +6,7 @@ name (``shared["models.base"]``) and the lists to refresh (``shared.refreshes(dr
 A tab only reads components of tabs built before it. ui/app.py builds them in order; a new tab
 is one more module here and one more entry in app.TABS.
 """
+
 import os
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # the page never calls home

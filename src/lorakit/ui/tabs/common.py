@@ -1,5 +1,6 @@
 """What the tabs share: the workdir, the training run, the model session, named components and
 the lists every tab keeps fresh (adapters, datasets, ...)."""
+
 from __future__ import annotations
 
 from collections.abc import Callable

@@ -1,6 +1,7 @@
 """The Models tab: the base model Chat and Compare use, the adapters in the workdir (a table and
 each one's manifest), apply / remove an adapter in the loaded model, and merge one into a
 standalone model folder."""
+
 from __future__ import annotations
 
 import html
@@ -22,6 +23,7 @@ def adapters_table(workdir: Workdir) -> str:
 
     def cell(v) -> str:
         return html.escape(str(v)).replace("|", "\\|")
+
     lines = ["| " + " | ".join(SUMMARY_HEADERS) + " |", "|" + "---|" * len(SUMMARY_HEADERS)]
     return "\n".join(lines + ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows])
 
@@ -32,9 +34,15 @@ def build(shared: Shared) -> gr.Tab:
 
     with gr.Tab("Models", id="models", elem_id="tab-models") as tab:
         with gr.Row():
-            models_base = gr.Dropdown(workdir.base_model_choices(), value=DEFAULT_BASE_MODEL, allow_custom_value=True,
-                                      label="Base model", info="answers on Chat when no adapter is chosen",
-                                      elem_id="models-base", scale=3)
+            models_base = gr.Dropdown(
+                workdir.base_model_choices(),
+                value=DEFAULT_BASE_MODEL,
+                allow_custom_value=True,
+                label="Base model",
+                info="answers on Chat when no adapter is chosen",
+                elem_id="models-base",
+                scale=3,
+            )
             load_base_btn = gr.Button("Load base model", elem_id="models-load-base", scale=1)
         gr.Markdown("### Adapters in the workdir")
         models_table = gr.Markdown(elem_id="models-table")
@@ -43,8 +51,12 @@ def build(shared: Shared) -> gr.Tab:
             apply_btn = gr.Button("Apply", elem_id="models-apply", scale=1)
             remove_btn = gr.Button("Remove", elem_id="models-remove", scale=1)
         with gr.Row():
-            merge_name = gr.Textbox(label="Merged model name", placeholder="<adapter>-merged",
-                                    info="written to WORKDIR/merged/<name>", scale=3)
+            merge_name = gr.Textbox(
+                label="Merged model name",
+                placeholder="<adapter>-merged",
+                info="written to WORKDIR/merged/<name>",
+                scale=3,
+            )
             merge_dtype = gr.Dropdown(["fp32", "bf16", "fp16"], value="fp32", label="dtype", scale=1)
             merge_btn = gr.Button("Merge and export", elem_id="models-merge", scale=1)
         models_status = gr.Markdown(session.status(), elem_id="models-status")
@@ -58,7 +70,7 @@ def build(shared: Shared) -> gr.Tab:
     def on_load_base(base):
         try:
             session.use_base(base or DEFAULT_BASE_MODEL)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             return error_text(e)
         return session.status()
 
@@ -69,7 +81,7 @@ def build(shared: Shared) -> gr.Tab:
             return ""
         try:
             return manifest_text(workdir.resolve_adapter(key))
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             return error_text(e)
 
     models_adapter.change(on_models_adapter, models_adapter, manifest)
@@ -80,7 +92,7 @@ def build(shared: Shared) -> gr.Tab:
             if not key:
                 raise LorakitError("apply: choose an adapter")
             session.prepare(speaker)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             return error_text(e)
         return f"Applied {key}. " + session.status()
 
@@ -89,7 +101,7 @@ def build(shared: Shared) -> gr.Tab:
     def on_remove(key):
         try:
             session.remove(key)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             return error_text(e)
         return f"Removed {key}. " + session.status()
 
@@ -100,12 +112,15 @@ def build(shared: Shared) -> gr.Tab:
             if not key:
                 raise LorakitError("merge: choose an adapter")
             path, command = merge_into_workdir(workdir, key, merged_name, dtype)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             return {models_status: error_text(e)}
         choices = workdir.base_model_choices()  # the merged folder is a base model now, here and on Train
-        return {models_status: f"Merged into `{path}` (a standalone model folder; it is offered as a base "
-                               f"model now). Repeat from a terminal: `{command}`",
-                models_base: gr.update(choices=choices), train_base: gr.update(choices=choices)}
+        return {
+            models_status: f"Merged into `{path}` (a standalone model folder; it is offered as a base "
+            f"model now). Repeat from a terminal: `{command}`",
+            models_base: gr.update(choices=choices),
+            train_base: gr.update(choices=choices),
+        }
 
     merge_btn.click(on_merge, [models_adapter, merge_name, merge_dtype], [models_status, models_base, train_base])
     return tab
