@@ -12,13 +12,10 @@ Layout (every folder is made on first use)::
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import yaml
 
 from ..data.demo import write_demo_data
 from ..data.loader import load_examples
@@ -31,6 +28,8 @@ from ..runfolder import (  # noqa: F401
     MANIFEST,
     TRAIN_LOG,
     complete_checkpoints,
+    read_config_record,
+    read_manifest,
     read_train_log,
 )
 
@@ -69,7 +68,7 @@ class AdapterInfo:
 
     def settings(self) -> dict:
         """The run's config: the one it recorded, else the one the page wrote for it ({} if none)."""
-        return self.config or _read_yaml(self.folder / UI_CONFIG) or {}
+        return self.config or read_config_record(self.folder, UI_CONFIG) or {}
 
     @property
     def trained(self) -> bool:
@@ -150,22 +149,6 @@ def _targets_text(targets) -> str:
 
 def _round(v):
     return round(v, 4) if isinstance(v, (int, float)) else ""
-
-
-def _read_yaml(path: Path) -> dict | None:
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError, UnicodeDecodeError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
-def _read_json(path: Path) -> dict | None:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
 
 
 class Workdir:
@@ -259,8 +242,8 @@ class Workdir:
         return AdapterInfo(
             name=name,
             folder=folder,
-            manifest=_read_json(folder / MANIFEST),
-            config=_read_yaml(folder / CONFIG_RECORD),
+            manifest=read_manifest(folder),
+            config=read_config_record(folder),
             checkpoints=complete_checkpoints(folder) if folder.is_dir() else [],
         )
 
