@@ -199,6 +199,25 @@ def merge(
     typer.echo(str(path))
 
 
+@app.command()
+def export(
+    adapter: Path = typer.Option(..., help="LoRA adapter folder."),
+    to: str = typer.Option("hf", "--to", help="Export format: hf (a merged transformers folder)."),
+    out: Path = typer.Option(..., help="Folder for the export (written atomically, after verification)."),
+    base: str | None = typer.Option(None, help="Base model (default: the adapter's base)."),
+    dtype: str = typer.Option("fp32", help="fp32, bf16 or fp16."),
+    force: bool = typer.Option(False, help="Replace --out if it exists."),
+    verify: bool = typer.Option(True, "--verify/--no-verify", help="Check prompt ids and greedy answers first."),
+):
+    """Export the adapter merged into its base, with its training template as the tokenizer's chat
+    template and its stops in generation_config.json; verified before it is written."""
+    from .infer.export import export_adapter, summary
+
+    _quiet_libraries()
+    record = export_adapter(adapter, out, to=to, base=base, dtype=dtype, force=force, verify=verify)
+    typer.echo(summary(record))
+
+
 @data_app.command("check")
 def data_check(
     file: Path = typer.Argument(..., help="Data file (.json, .jsonl, .csv, .parquet)."),

@@ -3,17 +3,25 @@
 
 The merged folder always records the template the adapter was trained with (the template
 policy's answer for the adapter, also for a checkpoint or a plain peft adapter), so prompting the
-merged model gives the same prompt as base + adapter did."""
+merged model gives the same prompt as base + adapter did.
+
+``lorakit merge`` and ``lorakit export --to hf`` share the steps below: ``check_merge_args``,
+``load_merged``, ``staged_folder`` (a hidden staging folder moved into place only when the block
+ends without an error) and ``save_merged``."""
 
 from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from ..data.templates import resolve_template
+from ..data.templates import PromptTemplate, resolve_template
 from ..errors import LorakitError
 from ..files import atomic_write_json, move_into_place
 from ..models.loading import load_model, load_tokenizer, resolve_model_path
@@ -24,20 +32,34 @@ from .adapters import check_adapter_dir, load_adapter
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def merge_adapter(
-    adapter: str | Path,
-    out: str | Path,
-    base: str | None = None,
-    dtype: str = "fp32",
-    force: bool = False,
-    trust_remote_code: bool = False,
-) -> Path:
+@dataclass
+class Merged:
+    """A base model with its adapter merged in, in memory, and what the merged folder records."""
+
+    model: Any
+    tokenizer: Any
+    template: PromptTemplate
+    base: str
+    adapter_dir: Path
+    dtype: str
+
+
+def check_merge_args(adapter: str | Path, out: str | Path, dtype: str, force: bool) -> tuple[Path, Path]:
+    """The adapter folder and --out, checked before anything loads: one LorakitError line each."""
     if dtype not in DTYPES:
         raise LorakitError(f"--dtype: '{dtype}' is not one of {', '.join(DTYPES)}")
     adapter_dir = check_adapter_dir(adapter)
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise LorakitError(f"--out: {out} exists and is not a folder")
     if out.exists() and any(out.iterdir()) and not force:
         raise LorakitError(f"--out: {out} exists and is not empty; choose another folder or pass --force")
+    return adapter_dir, out
+
+
+def load_merged(
+    adapter_dir: Path, base: str | None = None, dtype: str = "fp32", trust_remote_code: bool = False
+) -> Merged:
     base = base or recorded_base_model(adapter_dir) or DEFAULT_BASE_MODEL
     model_path = resolve_model_path(base)
     tokenizer = load_tokenizer(model_path, trust_remote_code=trust_remote_code)
@@ -46,20 +68,50 @@ def merge_adapter(
     model = load_adapter(model, adapter_dir, "default").merge_and_unload()
     model = model.to(DTYPES[dtype])
     model.config.use_cache = True
+    template = resolve_template(adapter=adapter_dir, tokenizer=tokenizer)
+    return Merged(model, tokenizer, template, base, adapter_dir, dtype)
 
+
+@contextmanager
+def staged_folder(out: Path, tag: str = "merging") -> Iterator[Path]:
+    """A hidden staging folder beside ``out``; moved to ``out`` when the block ends without an
+    error, removed in every case (an error leaves ``out`` as it was)."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.with_name(f".{out.name}.merging-{os.getpid()}")
+    staging = out.with_name(f".{out.name}.{tag}-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     try:
-        model.save_pretrained(str(staging))
-        tokenizer.save_pretrained(str(staging))
-        template = resolve_template(adapter=adapter_dir, tokenizer=tokenizer)
-        template.save(staging)
-        atomic_write_json(
-            staging / MERGE_RECORD,
-            {"base_model": base, "adapter": str(adapter_dir.resolve()), "dtype": dtype, "template": template.name},
-        )
+        yield staging
         move_into_place(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def save_merged(merged: Merged, folder: Path) -> None:
+    """Weights, tokenizer, the template record and the merge record."""
+    merged.model.save_pretrained(str(folder))
+    merged.tokenizer.save_pretrained(str(folder))
+    merged.template.save(folder)
+    atomic_write_json(
+        folder / MERGE_RECORD,
+        {
+            "base_model": merged.base,
+            "adapter": str(merged.adapter_dir.resolve()),
+            "dtype": merged.dtype,
+            "template": merged.template.name,
+        },
+    )
+
+
+def merge_adapter(
+    adapter: str | Path,
+    out: str | Path,
+    base: str | None = None,
+    dtype: str = "fp32",
+    force: bool = False,
+    trust_remote_code: bool = False,
+) -> Path:
+    adapter_dir, out = check_merge_args(adapter, out, dtype, force)
+    merged = load_merged(adapter_dir, base, dtype, trust_remote_code)
+    with staged_folder(out, "merging") as staging:
+        save_merged(merged, staging)
     return out
