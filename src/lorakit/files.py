@@ -2,7 +2,7 @@
 
 Every file lorakit writes for a user goes through ``atomic_write_*`` (a temp file in the same
 folder, flushed and fsynced, then ``os.replace``d over the final name); every finished folder
-goes through ``move_into_place``. These are the only two ways.
+is built in ``staged_folder`` and goes through ``move_into_place``. These are the only two ways.
 """
 
 from __future__ import annotations
@@ -56,6 +56,23 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 
 def atomic_write_json(path: str | Path, data: Any) -> Path:
     return atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
+@contextmanager
+def staged_folder(out: str | Path, tag: str = "staging") -> Iterator[Path]:
+    """A new hidden folder beside ``out`` to write into; moved to ``out`` (move_into_place) when
+    the block ends without an error, removed in every case, so an error or a kill leaves ``out``
+    as it was."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.with_name(f".{out.name}.{tag}-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        yield staging
+        move_into_place(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def move_into_place(staging: Path, out: Path) -> None:

@@ -122,6 +122,12 @@ def checkpoint_step(folder: Path) -> int:
         return -1
 
 
+def run_of(folder: str | Path) -> Path:
+    """The training run an adapter folder belongs to (a checkpoint's parent, else itself)."""
+    folder = Path(folder)
+    return folder.parent if folder.name.startswith(CHECKPOINT_PREFIX) else folder
+
+
 def checkpoint_dir(output_dir: str | Path, step: int) -> Path:
     return Path(output_dir) / f"{CHECKPOINT_PREFIX}{step}"
 

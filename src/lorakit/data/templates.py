@@ -23,7 +23,7 @@ from typing import Any
 
 from ..errors import ConfigError
 from ..files import atomic_write_text
-from ..runfolder import CHECKPOINT_PREFIX, TEMPLATE_RECORD, read_config_record, read_template_record
+from ..runfolder import TEMPLATE_RECORD, read_config_record, read_template_record, run_of
 from .records import Example, Turn
 
 BUILTIN_DIR = Path(__file__).parent / "templates"
@@ -321,16 +321,11 @@ def template_for_folder(folder: str | Path) -> PromptTemplate | None:
     return template_from_record(record) if record is not None else None
 
 
-def _run_of(folder: Path) -> Path:
-    """The training run an adapter folder belongs to (a checkpoint's parent)."""
-    return folder.parent if folder.name.startswith(CHECKPOINT_PREFIX) else folder
-
-
 def recorded_template(folder: str | Path, tokenizer=None) -> PromptTemplate | None:
     """The template an adapter or merged folder was trained with: its record, its run's record
     (for a checkpoint), else the template named in its run's config record."""
     folder = Path(folder)
-    run = _run_of(folder)
+    run = run_of(folder)
     for f in (folder, run):
         recorded = template_for_folder(f)
         if recorded is not None:

@@ -30,10 +30,10 @@ from ..data.records import Turn
 from ..data.templates import PromptTemplate
 from ..data.tokenize import leading_special_ids
 from ..errors import LorakitError
-from ..files import atomic_write_json
-from ..runfolder import EXPORT_RECORD, read_config_record
+from ..files import atomic_write_json, staged_folder
+from ..runfolder import EXPORT_RECORD, read_config_record, run_of
 from .generate import GenerationParams, Generator, prompt_ids_for
-from .merge import DTYPES, check_merge_args, load_merged, save_merged, staged_folder
+from .merge import DTYPES, check_merge_args, load_merged, save_merged
 from .stops import cut_at_stop
 
 FORMATS = ("hf",)
@@ -213,9 +213,8 @@ def verification_prompts(adapter_dir: Path, n: int = VERIFY_PROMPTS) -> tuple[li
     """Prompts for the answer check: the adapter's run's eval data (eval_data_path) when recorded
     and readable, else FIXED_PROMPTS."""
     from ..data.loader import load_examples
-    from ..data.templates import _run_of
 
-    config = read_config_record(_run_of(adapter_dir)) or {}
+    config = read_config_record(run_of(adapter_dir)) or {}
     paths = config.get("eval_data_path") or []
     paths = [paths] if isinstance(paths, str) else list(paths)
     found: list[Conversation] = []

@@ -6,15 +6,11 @@ policy's answer for the adapter, also for a checkpoint or a plain peft adapter),
 merged model gives the same prompt as base + adapter did.
 
 ``lorakit merge`` and ``lorakit export --to hf`` share the steps below: ``check_merge_args``,
-``load_merged``, ``staged_folder`` (a hidden staging folder moved into place only when the block
+``load_merged``, ``files.staged_folder`` (a hidden staging folder moved into place only when the block
 ends without an error) and ``save_merged``."""
 
 from __future__ import annotations
 
-import os
-import shutil
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +19,7 @@ import torch
 
 from ..data.templates import PromptTemplate, resolve_template
 from ..errors import LorakitError
-from ..files import atomic_write_json, move_into_place
+from ..files import atomic_write_json, staged_folder
 from ..models.loading import load_model, load_tokenizer, resolve_model_path
 from ..models.registry import DEFAULT_BASE_MODEL
 from ..runfolder import MERGE_RECORD, recorded_base_model
@@ -70,20 +66,6 @@ def load_merged(
     model.config.use_cache = True
     template = resolve_template(adapter=adapter_dir, tokenizer=tokenizer)
     return Merged(model, tokenizer, template, base, adapter_dir, dtype)
-
-
-@contextmanager
-def staged_folder(out: Path, tag: str = "merging") -> Iterator[Path]:
-    """A hidden staging folder beside ``out``; moved to ``out`` when the block ends without an
-    error, removed in every case (an error leaves ``out`` as it was)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.with_name(f".{out.name}.{tag}-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
-        yield staging
-        move_into_place(staging, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 def save_merged(merged: Merged, folder: Path) -> None:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import shutil
 from pathlib import Path
@@ -29,7 +28,7 @@ from pathlib import Path
 import torch
 
 from ..errors import LorakitError, ModelError
-from ..files import atomic_write_json, move_into_place
+from ..files import atomic_write_json, staged_folder
 from ..runfolder import MANIFEST
 from .adapters import ADAPTER_CONFIG, FLOAT_WEIGHTS, INT8_WEIGHTS, adapter_format, check_adapter_dir
 
@@ -199,11 +198,7 @@ def quantize_adapter(src: str | Path, out: str | Path, force: bool = False) -> d
         "lorakit_int8_sha256": _digest(tensors),
     }
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.with_name(f".{out.name}.quantizing-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    try:
+    with staged_folder(out, "quantizing") as staging:
         copied = _copy_side_files(src, staging)
         save_file(tensors, str(staging / INT8_WEIGHTS), metadata=metadata)
         # read back as every loader will, and check the error bound against the float weights
@@ -241,7 +236,4 @@ def quantize_adapter(src: str | Path, out: str | Path, force: bool = False) -> d
             except json.JSONDecodeError:
                 pass  # copied as it was
         figures["copied_files"] = copied
-        move_into_place(staging, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return figures

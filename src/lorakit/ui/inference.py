@@ -28,18 +28,13 @@ from ..infer.adapters import base_model_of, check_adapter_dir, load_adapter, unl
 from ..infer.generate import GenerationParams, answer_text, generate_kwargs, prompt_ids_for, recorded_base_model
 from ..infer.stops import StopIteratorStreamer
 from ..models.loading import load_model, load_tokenizer, resolve_model_path
-from ..runfolder import ADAPTER_CONFIG, MANIFEST, read_config_record
-
-
-def _run_folder(adapter: Path) -> Path:
-    """The training run an adapter folder belongs to (a checkpoint's parent)."""
-    return adapter.parent if adapter.name.startswith("checkpoint-") else adapter
+from ..runfolder import ADAPTER_CONFIG, MANIFEST, read_config_record, run_of
 
 
 def adapter_base(adapter: str | Path) -> str | None:
     """The base model an adapter (or a run's checkpoint) was trained on."""
     adapter = Path(adapter)
-    run = _run_folder(adapter)
+    run = run_of(adapter)
     if (run / MANIFEST).is_file():
         return recorded_base_model(run)
     base = (read_config_record(run) or {}).get("base_model")
@@ -307,7 +302,7 @@ def speaker_for(workdir, adapter_key: str | None, default_base: str) -> Speaker:
 
 def manifest_text(folder: Path) -> str:
     """An adapter's manifest (or peft config) as indented JSON for the Models tab."""
-    run = _run_folder(Path(folder))
+    run = run_of(Path(folder))
     for path in (run / "manifest.json", Path(folder) / ADAPTER_CONFIG):
         if path.is_file():
             try:
