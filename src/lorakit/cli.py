@@ -202,19 +202,58 @@ def merge(
 @app.command()
 def export(
     adapter: Path = typer.Option(..., help="LoRA adapter folder."),
-    to: str = typer.Option("hf", "--to", help="Export format: hf (a merged transformers folder)."),
+    to: str = typer.Option(
+        "hf",
+        "--to",
+        help="Export format: hf (a merged transformers folder), gguf (merged, one .gguf for llama.cpp), gguf-lora "
+        "(the adapter as a GGUF LoRA + a GGUF of its base), ollama (GGUF + Modelfile).",
+    ),
     out: Path = typer.Option(..., help="Folder for the export (written atomically, after verification)."),
     base: str | None = typer.Option(None, help="Base model (default: the adapter's base)."),
     dtype: str = typer.Option("fp32", help="fp32, bf16 or fp16."),
     force: bool = typer.Option(False, help="Replace --out if it exists."),
     verify: bool = typer.Option(True, "--verify/--no-verify", help="Check prompt ids and greedy answers first."),
+    lora_only: bool = typer.Option(
+        False, "--lora-only", help="ollama: the base GGUF + a GGUF LoRA (ADAPTER) instead of a merged GGUF."
+    ),
+    quant: str = typer.Option("q8_0", "--quant", help="GGUF quantization of a merged GGUF (gguf, ollama)."),
+    llama_cpp: str | None = typer.Option(
+        None,
+        "--llama-cpp",
+        help="gguf, gguf-lora: a llama.cpp checkout with its convert scripts (env LORAKIT_LLAMA_CPP); "
+        "default: the installed llama-cpp-python's, fetched once from PyPI.",
+    ),
 ):
     """Export the adapter merged into its base, with its training template as the tokenizer's chat
-    template and its stops in generation_config.json; verified before it is written."""
+    template and its stops in generation_config.json; verified before it is written. --to ollama: a
+    folder with the GGUF and a Modelfile whose TEMPLATE is the training template."""
+    from .infer.export import check_portability
+
+    check_portability(adapter, to, base, lora_only=lora_only)  # every target, before any work
+    if lora_only and to not in ("ollama",):
+        raise LorakitError(f"--lora-only: only for --to ollama (--to gguf-lora writes the GGUF LoRA), not --to {to}")
+    _quiet_libraries()
+    if to == "ollama":
+        from .infer.ollama import export_ollama
+        from .infer.ollama import summary as ollama_summary
+
+        record = export_ollama(
+            adapter,
+            out,
+            base=base,
+            quant=quant,
+            lora_only=lora_only,
+            force=force,
+            verify=verify,
+            llama_cpp_dir=llama_cpp,
+        )
+        typer.echo(ollama_summary(record))
+        return
     from .infer.export import export_adapter, summary
 
-    _quiet_libraries()
-    record = export_adapter(adapter, out, to=to, base=base, dtype=dtype, force=force, verify=verify)
+    record = export_adapter(
+        adapter, out, to=to, base=base, dtype=dtype, force=force, verify=verify, quant=quant, llama_cpp_dir=llama_cpp
+    )
     typer.echo(summary(record))
 
 

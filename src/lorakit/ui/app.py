@@ -20,15 +20,15 @@ import gradio as gr
 
 from ..errors import LorakitError
 from .inference import ModelSession
-from .tabs import chat, compare, evaluate, models, train
+from .tabs import chat, compare, evaluate, export, models, train
 from .tabs.common import Shared
 from .training import RunManager
 from .workdir import Workdir
 
 # The tabs, left to right. A tab reads only components of the tabs before it (Chat and Compare
-# use the Models tab's base model). To add one (e.g. an Export tab), write ui/tabs/export.py with
-# build(shared) -> gr.Tab, like the others, and list it here.
-TABS = (train, models, chat, compare, evaluate)
+# use the Models tab's base model). To add one, write ui/tabs/NAME.py with build(shared) -> gr.Tab,
+# like the others (Export: ui/tabs/export.py), and list it here.
+TABS = (train, models, chat, compare, evaluate, export)
 CSS = train.CSS
 
 
