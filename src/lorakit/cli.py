@@ -87,6 +87,25 @@ def _params(max_new_tokens, temperature, top_p, top_k, num_beams, repetition_pen
     )
 
 
+def _check_gguf_args(gguf: Path, num_beams: int = 1, **others) -> None:
+    """--gguf runs the file alone: a model option beside it, or a missing file, is one error line (exit 2)."""
+    given = [f"--{k}" for k, v in others.items() if v]
+    if num_beams != 1:
+        given.append("--num-beams")
+    if given:
+        typer.echo(f"error: --gguf runs the GGUF file alone; drop {', '.join(given)}", err=True)
+        raise typer.Exit(2)
+    if not gguf.is_file():
+        typer.echo(f"error: --gguf: {gguf} is not a file", err=True)
+        raise typer.Exit(2)
+
+
+def _gguf_generator(gguf: Path):
+    from .infer.gguf_generate import GgufGenerator
+
+    return GgufGenerator(gguf)
+
+
 @app.command()
 def generate(
     instruction: str = typer.Argument(..., help="The instruction (question) to answer."),
@@ -107,15 +126,24 @@ def generate(
     repetition_penalty: float = typer.Option(1.0),
     seed: int | None = typer.Option(None, help="Seed for sampling."),
     compare: bool = typer.Option(False, help="Print the base model's answer beside the adapter's."),
+    gguf: Path | None = typer.Option(
+        None, "--gguf", help="Run a GGUF file (lorakit export --to gguf) with llama.cpp instead of a model folder."
+    ),
 ):
     """Answer one instruction; prints only the response."""
     from .infer.generate import Generator
 
     params = _params(max_new_tokens, temperature, top_p, top_k, num_beams, repetition_penalty, seed)
+    if gguf is not None:
+        _check_gguf_args(gguf, adapter=adapter, base=base, compare=compare, template=template, num_beams=num_beams)
     if compare and adapter is None:
         raise LorakitError("--compare needs --adapter")
     _quiet_libraries()
-    gen = Generator(base=base, adapter=str(adapter) if adapter else None, template=template)
+    gen = (
+        _gguf_generator(gguf)
+        if gguf is not None
+        else Generator(base=base, adapter=str(adapter) if adapter else None, template=template)
+    )
     if compare:
         from rich.console import Console
         from rich.table import Table
@@ -146,14 +174,23 @@ def chat(
     temperature: float = typer.Option(0.0),
     top_p: float = typer.Option(1.0),
     seed: int | None = typer.Option(None),
+    gguf: Path | None = typer.Option(
+        None, "--gguf", help="Chat with a GGUF file (lorakit export --to gguf) run by llama.cpp."
+    ),
 ):
     """Interactive multi-turn chat. /reset clears the history, /exit (or Ctrl-D) quits."""
     from .data.records import Turn
     from .infer.generate import Generator
 
     params = _params(max_new_tokens, temperature, top_p, 50, 1, 1.0, seed)
+    if gguf is not None:
+        _check_gguf_args(gguf, adapter=adapter, base=base, template=template)
     _quiet_libraries()
-    gen = Generator(base=base, adapter=str(adapter) if adapter else None, template=template)
+    gen = (
+        _gguf_generator(gguf)
+        if gguf is not None
+        else Generator(base=base, adapter=str(adapter) if adapter else None, template=template)
+    )
     typer.echo(
         f"chatting with {gen.base}"
         + (f" + {adapter}" if adapter else "")
