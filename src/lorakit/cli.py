@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from pathlib import Path
@@ -29,6 +30,9 @@ def _quiet_libraries() -> None:
 
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()  # weight-loading bars; the Trainer's bar stays
+    # bitsandbytes (the qlora extra), imported by peft when installed, warns on CPU about an optional
+    # fused kernel package lorakit never uses
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     import warnings
 
     warnings.filterwarnings("ignore", category=UserWarning)
@@ -245,15 +249,35 @@ def export(
         help="Export format: hf (a merged transformers folder), gguf (merged, one .gguf for llama.cpp), gguf-lora "
         "(the adapter as a GGUF LoRA + a GGUF of its base), ollama (GGUF + Modelfile).",
     ),
-    out: Path = typer.Option(..., help="Folder for the export (written atomically, after verification)."),
+    out: Path = typer.Option(..., help="Folder for the export (written to a staging folder, then renamed)."),
     base: str | None = typer.Option(None, help="Base model (default: the adapter's base)."),
-    dtype: str = typer.Option("fp32", help="fp32, bf16 or fp16."),
+    dtype: str = typer.Option("fp32", help="hf: fp32, bf16 or fp16."),
     force: bool = typer.Option(False, help="Replace --out if it exists."),
-    verify: bool = typer.Option(True, "--verify/--no-verify", help="Check prompt ids and greedy answers first."),
+    verify: bool = typer.Option(
+        True,
+        "--verify/--no-verify",
+        help="Compare the export with lorakit's own answers (greedy answers, top-1 agreement, KL) before calling it "
+        "good; a failed check exits 1 and keeps the export marked UNVERIFIED.",
+    ),
+    verify_data: Path | None = typer.Option(
+        None,
+        "--verify-data",
+        help="Prompts to verify on (a data file); default: the adapter's validation examples, else its first "
+        "training prompts.",
+    ),
+    verify_prompts: int = typer.Option(32, "--verify-prompts", help="At most this many verification prompts."),
+    min_top1: float | None = typer.Option(
+        None,
+        "--min-top1",
+        help="Fail below this top-1 agreement (0-1). Default: 0.99 for hf/f16/bf16/gguf-lora, 0.97 for q8_0, "
+        "none for k-quants (reported only).",
+    ),
     lora_only: bool = typer.Option(
         False, "--lora-only", help="ollama: the base GGUF + a GGUF LoRA (ADAPTER) instead of a merged GGUF."
     ),
-    quant: str = typer.Option("q8_0", "--quant", help="GGUF quantization of a merged GGUF (gguf, ollama)."),
+    quant: str = typer.Option(
+        "q8_0", "--quant", help="gguf, ollama: f16, bf16, q8_0, q4_k_m, q5_k_m or q6_k (a merged GGUF)."
+    ),
     llama_cpp: str | None = typer.Option(
         None,
         "--llama-cpp",
@@ -261,37 +285,38 @@ def export(
         "default: the installed llama-cpp-python's, fetched once from PyPI.",
     ),
 ):
-    """Export the adapter merged into its base, with its training template as the tokenizer's chat
-    template and its stops in generation_config.json; verified before it is written. --to ollama: a
-    folder with the GGUF and a Modelfile whose TEMPLATE is the training template."""
+    """Export the adapter for another runtime, verified against lorakit's own answers: hf (merged, its
+    training template as the tokenizer's chat template, its stops in generation_config.json), gguf,
+    gguf-lora, ollama (GGUF + Modelfile whose TEMPLATE is the training template). The figures go to
+    export.json in --out and to the adapter's manifest."""
     from .infer.export import check_portability
 
     check_portability(adapter, to, base, lora_only=lora_only)  # every target, before any work
-    if lora_only and to not in ("ollama",):
-        raise LorakitError(f"--lora-only: only for --to ollama (--to gguf-lora writes the GGUF LoRA), not --to {to}")
     _quiet_libraries()
+    from .infer.export import export as run_export
+    from .infer.export import summary
+
+    record = run_export(
+        adapter,
+        out,
+        to,
+        base=base,
+        dtype=dtype,
+        quant=quant,
+        lora_only=lora_only,
+        force=force,
+        verify=verify,
+        verify_data=verify_data,
+        verify_prompts=verify_prompts,
+        min_top1=min_top1,
+        llama_cpp_dir=llama_cpp,
+    )
     if to == "ollama":
-        from .infer.ollama import export_ollama
         from .infer.ollama import summary as ollama_summary
 
-        record = export_ollama(
-            adapter,
-            out,
-            base=base,
-            quant=quant,
-            lora_only=lora_only,
-            force=force,
-            verify=verify,
-            llama_cpp_dir=llama_cpp,
-        )
         typer.echo(ollama_summary(record))
-        return
-    from .infer.export import export_adapter, summary
-
-    record = export_adapter(
-        adapter, out, to=to, base=base, dtype=dtype, force=force, verify=verify, quant=quant, llama_cpp_dir=llama_cpp
-    )
-    typer.echo(summary(record))
+    else:
+        typer.echo(summary(record))
 
 
 @data_app.command("check")

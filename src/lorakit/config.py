@@ -7,6 +7,7 @@ overrides; unknown keys and invalid values fail in one line before any model is 
 
 from __future__ import annotations
 
+import random
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -341,11 +342,7 @@ class TrainConfig(BaseModel):
 
     def val_count(self, n_examples: int) -> int:
         """val_set_size as a number of examples."""
-        if self.val_set_size <= 0:
-            return 0
-        if self.val_set_size < 1:
-            return max(1, int(round(n_examples * self.val_set_size)))
-        return int(self.val_set_size)
+        return val_count(self.val_set_size, n_examples)
 
 
 def _format_validation_error(err: ValidationError, source: str) -> str:
@@ -423,3 +420,21 @@ def config_help() -> str:
 
 def dump_config(cfg: TrainConfig) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+
+def val_count(val_set_size: float, n_examples: int) -> int:
+    """val_set_size (a count, or a fraction below 1; 0 = none) as a number of examples."""
+    if not val_set_size or val_set_size <= 0:
+        return 0
+    if val_set_size < 1:
+        return max(1, int(round(n_examples * val_set_size)))
+    return int(val_set_size)
+
+
+def split_validation(examples: list, n_val: int, seed: int) -> tuple[list, list]:
+    """(validation, training): the one split training makes (and export verification re-makes):
+    with a validation set, the examples shuffled by ``seed``, the first ``n_val`` held out."""
+    examples = list(examples)
+    if n_val:
+        random.Random(seed).shuffle(examples)
+    return examples[:n_val], examples[n_val:]

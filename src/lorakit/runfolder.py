@@ -17,7 +17,8 @@ serve, the UI and export only read them, through the functions below. It imports
         lorakit_checkpoint.json   marks a checkpoint complete    CHECKPOINT_MARKER
       eval/report.json            lorakit eval's report          EVAL_DIR, EVAL_REPORT
       lorakit_merge.json          a merged folder's record       MERGE_RECORD
-      lorakit_export.json         an export's record + checks    EXPORT_RECORD
+      export.json                 an export's record + figures   EXPORT_RECORD
+      UNVERIFIED.txt              an export that failed its check UNVERIFIED_MARKER
       *.gguf                      a GGUF export's files          GGUF_SUFFIX
 
     LORAKIT_HOME/llama.cpp/     llama.cpp's converter, fetched once  LLAMA_CPP_CACHE
@@ -45,7 +46,8 @@ STAGING_PREFIX = ".saving-"
 EVAL_DIR = "eval"
 EVAL_REPORT = "report.json"
 MERGE_RECORD = "lorakit_merge.json"
-EXPORT_RECORD = "lorakit_export.json"
+EXPORT_RECORD = "export.json"
+UNVERIFIED_MARKER = "UNVERIFIED.txt"  # in an export folder whose verification failed
 GGUF_SUFFIX = ".gguf"
 LLAMA_CPP_CACHE = "llama.cpp"  # under lorakit_home(): llama.cpp's convert scripts, per llama-cpp-python version
 
@@ -168,3 +170,21 @@ def recorded_base_model(folder: str | Path) -> str | None:
         return base
     config = read_adapter_config(folder)
     return config.get("base_model_name_or_path") if config else None
+
+
+def recorded_path(run_dir: str | Path, path: str, config: dict | None = None) -> Path:
+    """A path from a run's config record (data_path, eval_data_path): as recorded when it exists
+    (absolute, or relative to the working directory), else relative to the directory the run was
+    started from (the run folder minus its recorded relative output_dir), else as recorded."""
+    given = Path(path).expanduser()
+    if given.is_absolute() or given.exists():
+        return given
+    output_dir = str((config or read_config_record(run_dir) or {}).get("output_dir") or "")
+    run = Path(run_dir).resolve()
+    if output_dir and not Path(output_dir).is_absolute():
+        parts = len(Path(output_dir).parts)
+        if run.as_posix().endswith(Path(output_dir).as_posix()) and parts < len(run.parts):
+            candidate = run.parents[parts - 1] / given
+            if candidate.exists():
+                return candidate
+    return given

@@ -1,13 +1,16 @@
 """lorakit export --to hf on the tiny random Llama: the exported tokenizer's chat template gives
 lorakit's prompt ids, generation_config stops where lorakit stops, greedy answers match, and a
-failed verification leaves nothing behind."""
+failed verification keeps the export marked unverified, any other error leaves nothing behind."""
 
+import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 
 import pytest
+import torch
 from random_adapter import make_random_adapter
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
@@ -16,15 +19,15 @@ from lorakit.data.templates import load_template
 from lorakit.infer import export as export_mod
 from lorakit.infer.export import (
     CHECK_CONVERSATIONS,
-    Conversation,
-    ExportError,
     check_prompt_ids,
-    export_adapter,
+    export,
     export_chat_template,
     messages_for,
     write_generation_config,
 )
 from lorakit.infer.generate import Generator, prompt_ids_for
+from lorakit.infer.verify import THRESHOLDS, Conversation, VerificationFailed
+from lorakit.runfolder import EXPORT_RECORD, MANIFEST, UNVERIFIED_MARKER
 
 USER_TEMPLATE = {
     "description": 'A user\'s template with "quotes", {braces}, {{ jinja }}, {% tags %}, #} and \\ backslashes.',
@@ -93,13 +96,22 @@ def test_generation_config_stops(tiny_model_dir, tiny_tokenizer, tmp_path):
 
 def test_export_hf_verified(tiny_model_dir, tiny_tokenizer, adapter, tmp_path):
     out = tmp_path / "exported"
-    record = export_adapter(adapter, out, base=str(tiny_model_dir), verify_prompts=4, verify_new_tokens=10)
+    record = export(adapter, out, base=str(tiny_model_dir), verify_prompts=4, verify_new_tokens=10)
     v = record["verification"]
-    assert v["ids_identical"] == v["ids_checked"] == len(CHECK_CONVERSATIONS) + 4
-    assert v["answers_identical"] == v["answers_checked"] == 4 and v["answers_source"] == "fixed prompts"
-    on_disk = json.loads((out / "lorakit_export.json").read_text())
+    assert record["verified"] and v["passed"]
+    assert v["template_identical"] == v["template_checked"] == len(CHECK_CONVERSATIONS) + 4
+    assert v["greedy_identical"] == v["prompts"] == 4 and v["prompts_source"].startswith("fixed prompts")
+    assert v["top1_agreement"] >= 0.99 and 0 <= v["mean_kl"] < 1e-3 and v["tokens_compared"] > 0, v
+    assert (v["min_greedy_identical_share"], v["min_top1_agreement"]) == THRESHOLDS["hf"]
+    on_disk = json.loads((out / EXPORT_RECORD).read_text())
     assert on_disk["template"] == "alpaca" and on_disk["format"] == "hf" and on_disk["verification"] == v
     assert on_disk["stops"]["strings"] == ["### Instruction:", "### Input:", "### Response:"]
+    # every deployed file with its size and sha256, and the versions it was made with
+    (weights,) = on_disk["files"]
+    data = (out / weights["name"]).read_bytes()
+    assert weights["bytes"] == len(data) and weights["sha256"] == hashlib.sha256(data).hexdigest()
+    assert on_disk["versions"]["lorakit"] and on_disk["versions"]["transformers"]
+    assert not (out / UNVERIFIED_MARKER).exists()
     assert not list(tmp_path.glob(".exported*"))
     # plain transformers: the folder's own chat template and generation config
     tok = AutoTokenizer.from_pretrained(out)
@@ -115,19 +127,60 @@ def test_export_hf_verified(tiny_model_dir, tiny_tokenizer, adapter, tmp_path):
     assert Generator(base=str(out)).template.name == "alpaca"
 
 
-def test_failed_verification_leaves_nothing(tiny_model_dir, adapter, tmp_path, monkeypatch):
-    monkeypatch.setattr(export_mod, "exported_answers", lambda folder, t, prompts, n: ["different"] * len(prompts))
+def test_export_is_recorded_in_the_adapter_manifest(tiny_model_dir, adapter, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(adapter, run)
+    (run / MANIFEST).write_text(json.dumps({"base_model": str(tiny_model_dir), "template": "alpaca"}))
+    record = export(run, tmp_path / "out", verify_prompts=2, verify_new_tokens=4)
+    (entry,) = json.loads((run / MANIFEST).read_text())["exports"]
+    assert entry["format"] == "hf" and entry["verified"] is True and entry["out"] == str((tmp_path / "out").resolve())
+    assert (
+        entry["files"] == record["files"]
+        and entry["figures"]["top1_agreement"] == record["verification"]["top1_agreement"]
+    )
+    assert entry["versions"]["lorakit"] and record["manifest"] == "recorded"
+    # a plain peft adapter has no lorakit manifest: said, not invented
+    record = export(adapter, tmp_path / "out2", base=str(tiny_model_dir), verify=False)
+    assert "no lorakit manifest.json" in record["manifest"] and not (adapter / MANIFEST).exists()
+    assert record["verified"] is False and "--no-verify" in record["verification_note"]
+
+
+def _diverging_candidate(real):
+    """hf_candidate whose answers all differ and whose logits prefer another token."""
+
+    def candidate(folder, template, reference):
+        answers, logits, tps = real(folder, template, reference)
+        return ["different"] * len(answers), [torch.roll(x, 1, dims=-1) for x in logits], tps
+
+    return candidate
+
+
+def test_failed_verification_keeps_the_export_marked_unverified(tiny_model_dir, adapter, tmp_path, monkeypatch):
+    monkeypatch.setattr(export_mod, "hf_candidate", _diverging_candidate(export_mod.hf_candidate))
     out = tmp_path / "x"
-    with pytest.raises(ExportError, match=r"0/3 greedy answers"):
-        export_adapter(adapter, out, base=str(tiny_model_dir), verify_prompts=3, verify_new_tokens=4)
-    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(VerificationFailed, match=r"greedy answers identical 0/3.*top-1 agreement.*kept at") as e:
+        export(adapter, out, base=str(tiny_model_dir), verify_prompts=3, verify_new_tokens=4)
+    assert e.value.exit_code == 1 and e.value.figures["top1_agreement"] < 0.5
+    record = json.loads((out / EXPORT_RECORD).read_text())
+    assert record["verified"] is False and record["verification"]["passed"] is False
+    assert record["verification"]["greedy_identical"] == 0 and "0/3" in record["verification"]["error"]
+    assert "do not deploy" in (out / UNVERIFIED_MARKER).read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x"]  # no staging folder left
+
+
+def test_template_mismatch_fails_and_an_error_leaves_nothing(tiny_model_dir, adapter, tmp_path, monkeypatch):
     # a chat template that renders another prompt fails on the ids, before any generation
     monkeypatch.setattr(export_mod, "export_chat_template", lambda t, tok: load_template("chat", tok).chat_template)
+    with pytest.raises(VerificationFailed, match="token ids differ"):
+        export(adapter, tmp_path / "bad", base=str(tiny_model_dir), verify_prompts=2)
+    assert (tmp_path / "bad" / UNVERIFIED_MARKER).is_file()
+    # any other error (here: the weights cannot be written) leaves --out as it was, and no staging folder
+    monkeypatch.setattr(export_mod, "save_merged", lambda merged, folder: (_ for _ in ()).throw(OSError("disk full")))
     (tmp_path / "x").mkdir()
     (tmp_path / "x" / "keep.txt").write_text("old")
-    with pytest.raises(ExportError, match="token ids differ"):
-        export_adapter(adapter, out, base=str(tiny_model_dir), force=True)
-    assert [p.name for p in tmp_path.iterdir()] == ["x"] and os.listdir(out) == ["keep.txt"]
+    with pytest.raises(OSError, match="disk full"):
+        export(adapter, tmp_path / "x", base=str(tiny_model_dir), force=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad", "x"] and os.listdir(tmp_path / "x") == ["keep.txt"]
 
 
 def _cli(*args, cwd):

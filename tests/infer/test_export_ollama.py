@@ -23,7 +23,8 @@ from lorakit.infer.ollama import (
     export_ollama,
     go_template,
 )
-from lorakit.runfolder import EXPORT_RECORD
+from lorakit.infer.verify import VerificationFailed
+from lorakit.runfolder import EXPORT_RECORD, UNVERIFIED_MARKER
 
 USER_TEMPLATE = {
     "description": "A user's template with quotes, braces, {{ go }} actions and triple quotes.",
@@ -259,17 +260,21 @@ def adapter(tiny_model_dir, tmp_path_factory):
     return make_random_adapter(tiny_model_dir, tmp_path_factory.mktemp("ollama-adapter"))
 
 
-def fake_gguf(calls):
-    def step(adapter, out, *, base=None, quant="q8_0", verify=True, llama_cpp_dir=None):
-        calls.append({"adapter": adapter, "base": base, "quant": quant, "verify": verify})
+def fake_gguf(calls, fail=False):
+    def step(adapter, out, *, base=None, quant="q8_0", verify=True, llama_cpp_dir=None, **checks):
+        calls.append({"adapter": adapter, "base": base, "quant": quant, "verify": verify, **checks})
         out.mkdir(parents=True)
-        (out / "model-q8_0.gguf").write_bytes(b"GGUF")
-        return {"gguf_file": str(out / "model-q8_0.gguf"), "verification": {"answers_identical": 8}}
+        name = "model-q8_0-UNVERIFIED.gguf" if fail else "model-q8_0.gguf"
+        (out / name).write_bytes(b"GGUF")
+        figures = {"greedy_identical": 1 if fail else 8, "prompts": 8}
+        if fail:
+            raise VerificationFailed("verification failed (q8_0): simulated", figures, {"gguf_file": name})
+        return {"gguf_file": name, "verification": figures}
 
     return step
 
 
-def fake_gguf_lora(adapter, out, *, base=None, verify=True, llama_cpp_dir=None):
+def fake_gguf_lora(adapter, out, *, base=None, verify=True, llama_cpp_dir=None, **checks):
     out.mkdir(parents=True)
     (out / "base-f16.gguf").write_bytes(b"GGUF")
     (out / "adapter-f16.gguf").write_bytes(b"GGUF")
@@ -305,8 +310,23 @@ def test_merged_modelfile(adapter, tmp_path):
     readme = (out / "README.md").read_text(encoding="utf-8")
     assert f"ollama create {adapter.name} -f Modelfile" in readme and f"ollama run {adapter.name}" in readme
     saved = json.loads((out / EXPORT_RECORD).read_text())
-    assert saved["verification"] == {"answers_identical": 8} and saved["files"] == ["model-q8_0.gguf"]
+    assert saved["verification"] == {"greedy_identical": 8, "prompts": 8} and saved["verified"] is True
+    assert saved["gguf_files"] == ["model-q8_0.gguf"] and saved["files"][0]["name"] == "model-q8_0.gguf"
+    assert saved["files"][0]["bytes"] == 4 and len(saved["files"][0]["sha256"]) == 64
     assert record["modelfile"] == str(out / MODELFILE)
+
+
+def test_a_failed_gguf_check_keeps_the_folder_marked(adapter, tmp_path):
+    out = tmp_path / "ollama"
+    with pytest.raises(VerificationFailed, match="simulated; kept at"):
+        export_ollama(adapter, out, gguf_step=fake_gguf([], fail=True))
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["Modelfile", "README.md", EXPORT_RECORD, UNVERIFIED_MARKER, "model-q8_0-UNVERIFIED.gguf"]
+    )
+    assert _modelfile_lines(out)[0].startswith("# UNVERIFIED")
+    assert "FROM ./model-q8_0-UNVERIFIED.gguf" in _modelfile_lines(out)
+    saved = json.loads((out / EXPORT_RECORD).read_text())
+    assert saved["verified"] is False and saved["verification"]["greedy_identical"] == 1
 
 
 def test_lora_only_chatml_modelfile(adapter, tiny_tokenizer, tmp_path):

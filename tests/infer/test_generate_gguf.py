@@ -59,8 +59,9 @@ def exported(gguf_model, shared_home, tmp_path_factory):
     adapter = make_random_adapter(gguf_model, tmp_path_factory.mktemp("gguf-adapter"))
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("LORAKIT_HOME", str(shared_home))  # llama.cpp's converter, fetched once per machine
-        record = export_gguf(adapter, tmp_path_factory.mktemp("export") / "out", quant="f16", verify=False)
-    return adapter, Path(record["gguf_file"])
+        out = tmp_path_factory.mktemp("export") / "out"
+        record = export_gguf(adapter, out, quant="f16", verify=False)
+    return adapter, out / record["gguf_file"]
 
 
 @pytest.fixture(scope="module")

@@ -267,9 +267,10 @@ def test_train_chat_compare_in_a_browser(browser, server, tmp_path):
         expect(page.locator("#export-command")).to_contain_text("lorakit export --adapter")
         expect(page.locator("#export-command")).to_contain_text("--to hf")
         expect(page.locator("#export-status")).to_contain_text("Exported to", timeout=180_000)
-        expect(page.locator("#export-status")).to_contain_text("verified: chat template ids identical")
-        expect(page.locator("#export-figures")).to_contain_text("answers_identical")
-        assert (server["workdir"] / "exports" / "browser-lora-hf" / "lorakit_export.json").is_file()
+        expect(page.locator("#export-status")).to_contain_text("chat template ids identical")
+        expect(page.locator("#export-status")).to_contain_text("top-1 agreement")
+        expect(page.locator("#export-figures")).to_contain_text("top1_agreement")
+        assert (server["workdir"] / "exports" / "browser-lora-hf" / "export.json").is_file()
         page.screenshot(path=str(shots / "export.png"), full_page=True)
     except BaseException:
         page.screenshot(path=str(shots / "failure.png"), full_page=True)

@@ -1,6 +1,8 @@
-"""``lorakit export --to hf``: a merged model folder that other tools prompt exactly as training did.
+"""``lorakit export``: the adapter out of lorakit, verified. ``export()`` dispatches every format
+(hf here; gguf and gguf-lora in gguf.py; ollama in ollama.py), records the result in the export
+folder's ``export.json`` and in the adapter's manifest, and fails (exit 1) on a failed verification.
 
-The folder is ``lorakit merge``'s (same shared steps in merge.py) plus:
+``--to hf`` is a merged model folder (``lorakit merge``'s, same shared steps in merge.py) plus:
 - the tokenizer's ``chat_template`` is the adapter's TRAINING template (the template policy's answer
   for the adapter), so ``tokenizer.apply_chat_template(messages, add_generation_prompt=True)`` in
   transformers, vLLM or TGI renders lorakit's prompt. A ``chat`` template is its recorded Jinja; an
@@ -9,18 +11,21 @@ The folder is ``lorakit merge``'s (same shared steps in merge.py) plus:
 - ``generation_config.json`` stops where lorakit stops: ``eos_token_id`` is EOS plus the template's
   marker tokens, and ``stop_strings`` holds the markers that are plain text (alpaca's headers).
 
-Before the folder is moved into place it is verified: the staged tokenizer, loaded fresh, must give
-token ids identical to lorakit's ``prompt_ids_for`` on every check conversation, and the staged model,
-loaded with plain transformers, must give the same greedy answers as lorakit's Generator
-(base + adapter) on at least MIN_ANSWER_AGREEMENT of the verification prompts. Otherwise nothing is
-written and the export fails with one error line. The figures go to ``lorakit_export.json``.
+Verification (verify.py holds the prompts, the reference, the figures and the thresholds): the staged
+tokenizer, loaded fresh, must give token ids identical to lorakit's ``prompt_ids_for`` on every check
+conversation; then the staged folder, loaded with plain transformers, answers greedily through its
+own chat template and generation config, and reads lorakit's answers (teacher forced) for top-1
+agreement and KL. A failed check keeps the folder, marked unverified (``UNVERIFIED.txt``,
+``"verified": false``), and exits 1. Any other error leaves nothing (written to a staging folder,
+renamed into place at the end).
 """
 
 from __future__ import annotations
 
-import gc
+import hashlib
 import json
-from dataclasses import dataclass
+import time
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -30,41 +35,32 @@ from ..data.records import Turn
 from ..data.templates import PromptTemplate
 from ..data.tokenize import leading_special_ids
 from ..errors import LorakitError
-from ..files import atomic_write_json, staged_folder
-from ..runfolder import EXPORT_RECORD, read_config_record, run_of
-from .generate import GenerationParams, Generator, prompt_ids_for
-from .merge import DTYPES, check_merge_args, load_merged, save_merged
+from ..files import atomic_write_json, atomic_write_text, staged_folder
+from ..runfolder import EXPORT_RECORD, UNVERIFIED_MARKER
+from .generate import prompt_ids_for
+from .merge import check_merge_args, load_merged, save_merged
 from .stops import cut_at_stop
+from .verify import (
+    VERIFY_NEW_TOKENS,
+    VERIFY_PROMPTS,
+    Conversation,
+    Reference,
+    VerificationFailed,
+    VerifySet,
+    compare,
+    describe,
+    free_memory,
+    gate,
+    lorakit_reference,
+    teacher_forced_logprobs,
+    verification_set,
+)
 
-FORMATS = ("hf", "gguf", "gguf-lora")  # gguf, gguf-lora: gguf.py (llama.cpp's converter)
-MIN_ANSWER_AGREEMENT = 0.9  # fewer identical greedy answers than this fails the export
-VERIFY_PROMPTS = 8  # greedy answers compared
-VERIFY_NEW_TOKENS = 32
-
-FIXED_PROMPTS = [  # (instruction, input) when the adapter's run recorded no eval data
-    ("What is the capital of France?", ""),
-    ("Who are you?", ""),
-    ("Write one sentence about the sea.", ""),
-    ("Translate to French.", "The quick brown fox jumps over the lazy dog."),
-    ("你好，世界。请介绍一下你自己。", ""),
-    ("List three colours.", ""),
-    ("Summarise the text.", "1 2 3 4 5 6 7 8 9 0"),
-    ("What is 2 plus 2?", ""),
-]
+FORMATS = ("hf", "gguf", "gguf-lora", "ollama")
 
 
 class ExportError(LorakitError):
-    """An export that could not be written or did not pass its verification."""
-
-
-@dataclass(frozen=True)
-class Conversation:
-    """One prompt in lorakit's terms (what prompt_ids_for takes)."""
-
-    instruction: str
-    input: str = ""
-    history: tuple[Turn, ...] = ()
-    system: str = ""
+    """An export that could not be written (nothing is left behind)."""
 
 
 CHECK_CONVERSATIONS = [
@@ -209,36 +205,6 @@ def write_generation_config(folder: Path, model, template: PromptTemplate, token
 # ---- verification ------------------------------------------------------------------------------
 
 
-def verification_prompts(adapter_dir: Path, n: int = VERIFY_PROMPTS) -> tuple[list[Conversation], str]:
-    """Prompts for the answer check: the adapter's run's eval data (eval_data_path) when recorded
-    and readable, else FIXED_PROMPTS."""
-    from ..data.loader import load_examples
-
-    config = read_config_record(run_of(adapter_dir)) or {}
-    paths = config.get("eval_data_path") or []
-    paths = [paths] if isinstance(paths, str) else list(paths)
-    found: list[Conversation] = []
-    used: list[str] = []
-    for path in paths:
-        try:
-            examples = load_examples(path).examples
-        except LorakitError:
-            continue
-        picked = [
-            Conversation(e.instruction, input=e.input, system=e.system)
-            for e in examples
-            if e.text is None and e.turns and e.instruction
-        ]
-        if picked:
-            used.append(str(path))
-            found += picked[: n - len(found)]
-        if len(found) >= n:
-            break
-    if found:
-        return found, "eval data: " + ", ".join(used)
-    return [Conversation(q, input=i) for q, i in FIXED_PROMPTS[:n]], "fixed prompts"
-
-
 def check_prompt_ids(
     folder: Path, template: PromptTemplate, tokenizer, conversations: list[Conversation]
 ) -> tuple[int, list[str]]:
@@ -263,18 +229,11 @@ def check_prompt_ids(
     return identical, problems
 
 
-def _free() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
 @torch.no_grad()
-def exported_answers(
-    folder: Path, template: PromptTemplate, prompts: list[Conversation], max_new_tokens: int
-) -> list[str]:
-    """Greedy answers of the staged folder with plain transformers: its tokenizer's chat template,
-    its generation_config (EOS + marker ids, stop_strings); the answer cut at the markers."""
+def hf_candidate(folder: Path, template: PromptTemplate, reference: Reference) -> tuple[list[str], list, float]:
+    """The staged folder with plain transformers: greedy answers through its own chat template and
+    generation_config (EOS + marker ids, stop_strings), cut at the markers; its log-probs at the
+    reference's answer positions (teacher forced); its tokens/s."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
@@ -284,44 +243,49 @@ def exported_answers(
     model.eval()
     stops = template.stops(tokenizer)
     extra: dict[str, Any] = {"tokenizer": tokenizer} if model.generation_config.stop_strings else {}
-    answers = []
-    for conv in prompts:
+    answers, generated, seconds = [], 0, 0.0
+    for conv in reference.vset.prompts:
         ids = tokenizer.apply_chat_template(
             messages_for(template, conv), add_generation_prompt=True, tokenize=True, return_tensors="pt"
         )
         ids = (ids["input_ids"] if hasattr(ids, "keys") else ids).to(model.device)
+        start = time.perf_counter()
         out = model.generate(
             input_ids=ids,
             attention_mask=torch.ones_like(ids),
-            max_new_tokens=max_new_tokens,
+            max_new_tokens=reference.new_tokens,
             do_sample=False,
             temperature=None,
             top_p=None,
             top_k=None,
             **extra,
         )
+        seconds += time.perf_counter() - start
+        generated += out.shape[1] - ids.shape[1]
         text = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
         answers.append(cut_at_stop(text, stops.strings)[0].strip())
+    logits = [teacher_forced_logprobs(model, p, a) for p, a in zip(reference.prompt_ids, reference.answer_ids)]
     del model
-    _free()
-    return answers
+    free_memory()
+    return answers, logits, generated / seconds if seconds > 0 else 0.0
 
 
-def lorakit_answers(
-    adapter_dir: Path,
-    base: str,
-    prompts: list[Conversation],
-    max_new_tokens: int,
-    dtype: str = "fp32",
-    trust_remote_code: bool = False,
-) -> list[str]:
-    """Lorakit's own greedy answers: Generator with base + adapter, in the export's dtype."""
-    gen = Generator(base=base, adapter=str(adapter_dir), dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
-    params = GenerationParams(max_new_tokens=max_new_tokens)
-    answers = [gen.generate(c.instruction, c.input, list(c.history), c.system, params=params) for c in prompts]
-    del gen
-    _free()
-    return answers
+def verify_hf(
+    staging: Path, reference: Reference, template: PromptTemplate, tokenizer, min_top1: float | None = None
+) -> dict:
+    """The hf export's figures (verify.compare + the chat template check), gated as ``hf``."""
+    conversations = CHECK_CONVERSATIONS + reference.vset.prompts
+    identical, problems = check_prompt_ids(staging, template, tokenizer, conversations)
+    figures: dict[str, Any] = {"template_checked": len(conversations), "template_identical": identical}
+    if problems:
+        raise VerificationFailed(
+            f"verification failed: the exported chat template's token ids differ from lorakit's prompt for "
+            f"{len(problems)} of {len(conversations)} conversations (first: {problems[0]})",
+            figures,
+        )
+    answers, logits, tps = hf_candidate(staging, template, reference)
+    figures.update(compare(reference, answers, logits, tps))
+    return gate(figures, "hf", min_top1)
 
 
 # ---- portability (every export target) --------------------------------------------------------
@@ -392,50 +356,263 @@ def check_portability(adapter_dir: str | Path, target: str, base: str | None = N
         )
 
 
+# ---- the record -------------------------------------------------------------------------------
+
+
+def file_entry(path: Path) -> dict:
+    """Name, size and sha256 of one exported file."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return {"name": path.name, "bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+
+
+def tool_versions() -> dict:
+    """The versions an export depends on (recorded beside its figures)."""
+    import importlib.metadata
+
+    from .. import __version__
+
+    found = {"lorakit": __version__}
+    for name in ("llama-cpp-python", "gguf", "transformers", "peft", "torch", "safetensors"):
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return found
+
+
+def unverified_name(name: str) -> str:
+    """A file name that says its export failed verification: model-q8_0.gguf -> model-q8_0-UNVERIFIED.gguf."""
+    path = Path(name)
+    return path.name if path.stem.endswith("-UNVERIFIED") else f"{path.stem}-UNVERIFIED{path.suffix}"
+
+
+def finish_record(
+    staging: Path, record: dict, verify: bool, failure: VerificationFailed | None, artifacts: list[Path]
+) -> None:
+    """Complete ``record`` (verified, files with sha256, versions) and write it, with the
+    UNVERIFIED marker when the verification failed, into ``staging``."""
+    record["verified"] = bool(verify and failure is None)
+    if not verify:
+        record["verification"] = None
+        record["verification_note"] = "skipped (--no-verify): this export was not compared with lorakit"
+    elif failure is not None:
+        record["verification"] = {**failure.figures, "passed": False, "error": failure.reason}
+    record["files"] = [file_entry(p) for p in artifacts]
+    record["versions"] = tool_versions()
+    record["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    if failure is not None:
+        atomic_write_text(
+            staging / UNVERIFIED_MARKER,
+            "This export FAILED its verification against lorakit's own answers: do not deploy it.\n"
+            f"{failure.reason}\nThe figures are in {EXPORT_RECORD}.\n",
+        )
+    atomic_write_json(staging / EXPORT_RECORD, record)
+
+
+def placed(record: dict, out: Path, failure: VerificationFailed | None) -> dict:
+    """The record of an export now at ``out``; a failed verification raises, naming where it was kept."""
+    record = {**record, "out": str(out)}
+    if failure is not None:
+        raise VerificationFailed(
+            f"{failure.reason}; kept at {out} marked unverified ({EXPORT_RECORD}: verified false); do not deploy it",
+            failure.figures,
+            record,
+            failure.reason,
+        )
+    return record
+
+
+def add_to_manifest(adapter_dir: Path, record: dict) -> str | None:
+    """Append the export (format, quant, where, files with sha256 and size, figures, versions) to the
+    adapter's manifest.json; returns why not when it cannot (no lorakit manifest, read-only)."""
+    from ..runfolder import MANIFEST, read_manifest
+
+    manifest = read_manifest(adapter_dir)
+    if manifest is None:
+        return f"{adapter_dir} has no lorakit {MANIFEST}"
+    figures = record.get("verification") or {}
+    entry = {
+        "format": record["format"],
+        "quant": record.get("quant"),
+        "out": str(Path(record["out"]).resolve()),
+        "created": record.get("created"),
+        "verified": record.get("verified", False),
+        "files": record.get("files", []),
+        "figures": {k: figures.get(k) for k in SUMMARY_FIGURES if k in figures},
+        "versions": record.get("versions", {}),
+    }
+    manifest["exports"] = [*(manifest.get("exports") or []), entry]
+    try:
+        atomic_write_json(adapter_dir / MANIFEST, manifest)
+    except OSError as e:
+        return f"{adapter_dir / MANIFEST}: {e.strerror or e}"
+    return None
+
+
+SUMMARY_FIGURES = (
+    "prompts",
+    "prompts_source",
+    "greedy_identical",
+    "top1_agreement",
+    "mean_kl",
+    "tokens_compared",
+    "tokens_per_s",
+    "min_greedy_identical_share",
+    "min_top1_agreement",
+    "passed",
+)
+
+
+# ---- a QLoRA adapter's base ---------------------------------------------------------------------
+
+
+def choose_qlora_base(
+    adapter_dir: Path, base: str | None, vset: VerifySet | None, merged: bool, trust_remote_code: bool = False
+) -> dict | None:
+    """For an adapter trained in 4-bit (QLoRA): merge it into the original base and into the
+    de-quantized 4-bit base (the weights training saw), score both by the mean NLL of the
+    verification examples' own answers, and keep the lower. None for any other adapter. Without
+    answers to score (fixed prompts, --no-verify) the de-quantized base is kept, and said so. A GGUF
+    LoRA is applied by llama.cpp to the original base: recorded, not chosen."""
+    from .qlora_base import trained_in_4bit
+    from .verify import reference_nll
+
+    settings = trained_in_4bit(adapter_dir)
+    if settings is None:
+        return None
+    choice: dict[str, Any] = {"trained_in_4bit": settings}
+    if not merged:
+        return {**choice, "kept": "original", "note": "a GGUF LoRA is applied by llama.cpp to the original base"}
+    if vset is None or not any(c.output for c in vset.prompts):
+        why = "--no-verify" if vset is None else f"no reference answers in {vset.source}"
+        return {**choice, "kept": "dequantized", "note": f"not scored ({why}): the weights training saw"}
+    scores = {}
+    for kind in ("original", "dequantized"):
+        merged_model = load_merged(
+            adapter_dir, base, "fp32", trust_remote_code, settings if kind != "original" else None
+        )
+        scores[kind], tokens = reference_nll(merged_model.model, merged_model.tokenizer, merged_model.template, vset)
+        del merged_model
+        free_memory()
+    kept = "dequantized" if scores["dequantized"] <= scores["original"] else "original"
+    return {
+        **choice,
+        "kept": kept,
+        "mean_nll": {k: round(v, 5) for k, v in scores.items()},
+        "tokens": tokens,
+        "scored_on": vset.source,
+        "note": "mean NLL of the verification examples' own answers, merged into each base; the lower is kept",
+    }
+
+
+def qlora_base_weights(qlora: dict | None) -> dict | None:
+    """The 4-bit settings to de-quantize the base with, when the de-quantized base was kept."""
+    return qlora["trained_in_4bit"] if qlora and qlora.get("kept") == "dequantized" else None
+
+
 # ---- export ------------------------------------------------------------------------------------
 
 
-def export_adapter(
+def export(
     adapter: str | Path,
     out: str | Path,
     to: str = "hf",
+    *,
+    base: str | None = None,
+    dtype: str = "fp32",
+    quant: str = "q8_0",
+    lora_only: bool = False,
+    force: bool = False,
+    verify: bool = True,
+    verify_data: str | Path | None = None,
+    verify_prompts: int = VERIFY_PROMPTS,
+    verify_new_tokens: int = VERIFY_NEW_TOKENS,
+    min_top1: float | None = None,
+    llama_cpp_dir: str | None = None,
+    trust_remote_code: bool = False,
+) -> dict:
+    """Export ``adapter`` as ``to`` at ``out`` and record it in the adapter's manifest; returns the
+    export record. Refusals come first (check_portability); a failed verification raises
+    VerificationFailed after the artifact is placed and recorded as unverified."""
+    from .adapters import check_adapter_dir
+
+    if to not in FORMATS:
+        raise ExportError(f"--to: '{to}' is not one of {', '.join(FORMATS)}")
+    if lora_only and to != "ollama":
+        raise ExportError(f"--lora-only: only for --to ollama (--to gguf-lora writes the GGUF LoRA), not --to {to}")
+    check_portability(adapter, to, base, lora_only=lora_only)
+    adapter_dir = check_adapter_dir(adapter)
+    vset = verification_set(adapter_dir, verify_data, verify_prompts) if verify else None
+    merged_target = to in ("hf", "gguf") or (to == "ollama" and not lora_only)
+    qlora = choose_qlora_base(adapter_dir, base, vset, merged_target, trust_remote_code)
+    common = dict(
+        base=base,
+        force=force,
+        verify=verify,
+        vset=vset,
+        new_tokens=verify_new_tokens,
+        min_top1=min_top1,
+        trust_remote_code=trust_remote_code,
+        qlora=qlora,
+    )
+    try:
+        if to == "hf":
+            record = export_hf(adapter_dir, Path(out), dtype=dtype, **common)
+        elif to == "ollama":
+            from .ollama import export_ollama
+
+            record = export_ollama(
+                adapter_dir, Path(out), quant=quant, lora_only=lora_only, llama_cpp_dir=llama_cpp_dir, **common
+            )
+        else:
+            from . import gguf
+
+            step = gguf.export_gguf if to == "gguf" else gguf.export_gguf_lora
+            extra = {"quant": quant} if to == "gguf" else {}
+            record = step(adapter_dir, Path(out), llama_cpp_dir=llama_cpp_dir, **extra, **common)
+    except VerificationFailed as e:
+        if e.record:
+            e.record["manifest"] = add_to_manifest(adapter_dir, e.record) or "recorded"
+        raise
+    record["manifest"] = add_to_manifest(adapter_dir, record) or "recorded"
+    return record
+
+
+def export_adapter(adapter: str | Path, out: str | Path, to: str = "hf", **kwargs) -> dict:
+    """``export`` under its earlier name."""
+    return export(adapter, out, to, **kwargs)
+
+
+def export_hf(
+    adapter: str | Path,
+    out: Path,
+    *,
     base: str | None = None,
     dtype: str = "fp32",
     force: bool = False,
     verify: bool = True,
-    verify_prompts: int = VERIFY_PROMPTS,
-    verify_new_tokens: int = VERIFY_NEW_TOKENS,
+    vset: VerifySet | None = None,
+    reference: Reference | None = None,
+    new_tokens: int = VERIFY_NEW_TOKENS,
+    min_top1: float | None = None,
     trust_remote_code: bool = False,
-    quant: str = "q8_0",
-    llama_cpp_dir: str | None = None,
+    qlora: dict | None = None,
 ) -> dict:
-    """Export ``adapter`` as ``to`` at ``out``: hf (merged into its base) here; gguf (merged, ``quant``)
-    and gguf-lora in gguf.py. Returns the export record."""
-    if to not in FORMATS:
-        raise ExportError(f"--to: '{to}' is not one of {', '.join(FORMATS)}")
-    if to != "hf":
-        from . import gguf
-
-        kwargs = dict(
-            base=base,
-            verify=verify,
-            llama_cpp_dir=llama_cpp_dir,
-            force=force,
-            verify_prompts=verify_prompts,
-            verify_new_tokens=verify_new_tokens,
-            trust_remote_code=trust_remote_code,
-        )
-        if to == "gguf":
-            return gguf.export_gguf(adapter, Path(out), quant=quant, **kwargs)
-        return gguf.export_gguf_lora(adapter, Path(out), **kwargs)
-    check_portability(adapter, to, base)
+    """The merged folder for ``--to hf`` (also the first step of ``--to gguf``, unverified there).
+    ``qlora``: choose_qlora_base's answer for a QLoRA adapter (which base it is merged into)."""
+    check_portability(adapter, "hf", base)
     adapter_dir, out = check_merge_args(adapter, out, dtype, force)
-    merged = load_merged(adapter_dir, base, dtype, trust_remote_code)
+    base_weights = qlora_base_weights(qlora)
+    merged = load_merged(adapter_dir, base, dtype, trust_remote_code, base_weights)
     template, tokenizer = merged.template, merged.tokenizer
     stops = template.stops(tokenizer)
     tokenizer.chat_template = export_chat_template(template, tokenizer)
     record: dict[str, Any] = {
-        "format": to,
+        "format": "hf",
+        "quant": dtype,
         "template": template.name,
         "template_kind": template.kind,
         "stops": {"strings": list(stops.strings), "token_ids": list(stops.token_ids)},
@@ -443,89 +620,51 @@ def export_adapter(
         "adapter": str(adapter_dir.resolve()),
         "base_model": merged.base,
     }
+    if qlora:
+        record["qlora_base"] = qlora
+    failure = None
     with staged_folder(out, "exporting") as staging:
         save_merged(merged, staging)
         record["generation_config"] = write_generation_config(staging, merged.model, template, tokenizer)
         merged.model = None  # free the merged copy before the verification copies load
-        _free()
+        free_memory()
         if verify:
-            record["verification"] = _verify(
-                staging,
-                out,
-                merged.base,
-                adapter_dir,
-                template,
-                tokenizer,
-                verify_prompts,
-                verify_new_tokens,
-                dtype,
-                trust_remote_code,
-            )
-        else:
-            record["verification"] = None
-        atomic_write_json(staging / EXPORT_RECORD, record)
-    return {**record, "out": str(out)}
-
-
-def _verify(
-    staging: Path,
-    out: Path,
-    base: str,
-    adapter_dir: Path,
-    template: PromptTemplate,
-    tokenizer,
-    n_prompts: int,
-    new_tokens: int,
-    dtype: str,
-    trust_remote_code: bool,
-) -> dict:
-    prompts, source = verification_prompts(adapter_dir, n_prompts)
-    conversations = CHECK_CONVERSATIONS + prompts
-    ids_identical, problems = check_prompt_ids(staging, template, tokenizer, conversations)
-    if problems:
-        raise ExportError(
-            f"export verification failed: the exported chat template's token ids differ from lorakit's prompt "
-            f"for {len(problems)} of {len(conversations)} conversations (first: {problems[0]}); "
-            f"nothing was written to {out}"
-        )
-    ours = lorakit_answers(adapter_dir, base, prompts, new_tokens, dtype, trust_remote_code)
-    theirs = exported_answers(staging, template, prompts, new_tokens)
-    same = sum(a == b for a, b in zip(ours, theirs))
-    figures = {
-        "ids_checked": len(conversations),
-        "ids_identical": ids_identical,
-        "answers_checked": len(prompts),
-        "answers_identical": same,
-        "answers_source": source,
-        "max_new_tokens": new_tokens,
-        "min_answer_agreement": MIN_ANSWER_AGREEMENT,
-        "reference": f"lorakit Generator, base + adapter, {dtype}",
-    }
-    if same < MIN_ANSWER_AGREEMENT * len(prompts):
-        raise ExportError(
-            f"export verification failed: only {same}/{len(prompts)} greedy answers of the exported model equal "
-            f"lorakit's (base + adapter), below {MIN_ANSWER_AGREEMENT:.0%}; nothing was written to {out}"
-        )
-    return figures
+            if reference is None:
+                vset = vset or verification_set(adapter_dir)
+                reference = lorakit_reference(
+                    adapter_dir, merged.base, vset, new_tokens, dtype, trust_remote_code, base_weights
+                )
+            try:
+                record["verification"] = verify_hf(staging, reference, template, tokenizer, min_top1)
+            except VerificationFailed as e:
+                failure = e
+        finish_record(staging, record, verify, failure, sorted(staging.glob("*.safetensors")))
+    return placed(record, out, failure)
 
 
 def summary(record: dict) -> str:
-    if record["format"] != "hf":
-        from .gguf import summary as gguf_summary
-
-        return gguf_summary(record)
-    lines = [
-        f"exported {record['adapter']} -> {record['out']} ({record['format']}, {record['dtype']}, "
-        f"template {record['template']})",
-        f"eos_token_id {record['generation_config']['eos_token_id']}, "
-        f"stop_strings {record['generation_config']['stop_strings']}",
-    ]
+    """What the command prints: where, what, and the verification figures."""
+    files = ", ".join(f"{f['name']} ({f['bytes'] / 1e6:.1f} MB)" for f in record.get("files", [])[:3])
+    more = f" +{len(record['files']) - 3} more" if len(record.get("files", [])) > 3 else ""
+    what = record["format"] + (f" {record['quant']}" if record.get("quant") else "")
+    lines = [f"exported {record['adapter']} -> {record['out']} ({what}, template {record['template']})"]
+    if files:
+        lines.append(f"files: {files}{more}")
+    if record["format"] == "hf":
+        g = record["generation_config"]
+        lines.append(f"eos_token_id {g['eos_token_id']}, stop_strings {g['stop_strings']}")
     v = record.get("verification")
-    if v:
-        lines.append(
-            f"verified: chat template ids identical {v['ids_identical']}/{v['ids_checked']}, "
-            f"greedy answers identical {v['answers_identical']}/{v['answers_checked']} ({v['answers_source']})"
+    if record.get("verified"):
+        check = (
+            f"chat template ids identical {v['template_identical']}/{v['template_checked']}; "
+            if "template_checked" in v
+            else ""
         )
+        lines.append(f"verified ({v['reference']}): {check}{describe(v)}")
+    elif v:
+        lines.append(f"FAILED verification: {describe(v)}")
     else:
-        lines.append("not verified (--no-verify)")
+        lines.append("NOT verified (--no-verify): nothing compared this export with lorakit")
+    if record.get("manifest") and record["manifest"] != "recorded":
+        lines.append(f"not added to the adapter's manifest: {record['manifest']}")
     return "\n".join(lines)

@@ -84,7 +84,10 @@ class Generator:
         template: str | None = None,
         dtype: torch.dtype = torch.float32,
         trust_remote_code: bool = False,
+        prepare_base=None,
     ):
+        """``prepare_base`` (export verification): called with the base model before the adapter
+        is applied, e.g. to give it the de-quantized 4-bit weights a QLoRA adapter trained on."""
         self.adapter_dir = check_adapter_dir(adapter) if adapter else None
         self.base = base or (recorded_base_model(self.adapter_dir) if self.adapter_dir else None) or DEFAULT_BASE_MODEL
         model_path = resolve_model_path(self.base)
@@ -92,6 +95,8 @@ class Generator:
         model = load_model(model_path, dtype=dtype, trust_remote_code=trust_remote_code)
         if torch.cuda.is_available():  # generate, chat and eval run on the GPU when there is one
             model = model.to("cuda")
+        if prepare_base is not None:
+            prepare_base(model)
         if self.adapter_dir is not None:  # float or int8 folder; a mismatch is one ModelError line
             model = load_adapter(model, self.adapter_dir, DEFAULT_ADAPTER_NAME)
         model.eval()

@@ -13,13 +13,12 @@ Where llama.cpp's scripts come from (``find_llama_cpp``): ``--llama-cpp DIR`` / 
 llama.cpp checkout), else the sdist of the INSTALLED llama-cpp-python, fetched once from PyPI with
 ``pip download`` into lorakit's cache; only its convert scripts, ``conversion/`` and ``gguf-py`` are kept.
 
-Verification (on by default): the GGUF's ``tokenizer.chat_template`` must be the training template and
-must render lorakit's prompt (same token ids), its EOS must be the tokenizer's; then llama.cpp
-(``llama_cpp.Llama``) answers the verification prompts greedily from lorakit's prompt ids and its
-answers are compared with lorakit's Generator (base + adapter), and, the gate, llama.cpp reads
-lorakit's prompt + answer and must rank lorakit's next token first at MIN_AGREEMENT of the answer
-tokens for f16/bf16/q8_0, MIN_AGREEMENT_KQUANT for a k-quant (quantization is expected to change
-some answers: it is measured and recorded, not hidden). The figures go to lorakit_export.json.
+Verification (on by default; verify.py holds the prompts, reference, figures and thresholds): the
+GGUF's ``tokenizer.chat_template`` must be the training template and must render lorakit's prompt
+(same token ids), its EOS must be the tokenizer's; then llama.cpp (``llama_cpp.Llama``) answers the
+verification prompts greedily from lorakit's prompt ids, and reads lorakit's prompt + answer for
+top-1 agreement and KL against lorakit's Generator (base + adapter, fp32). The figures go to
+export.json; a failed check keeps the file as ``*-UNVERIFIED.gguf`` and exits 1.
 """
 
 from __future__ import annotations
@@ -39,9 +38,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..files import atomic_write_json, staged_folder
+from ..files import staged_folder
 from ..runfolder import (
-    EXPORT_RECORD,
     GGUF_SUFFIX,
     LLAMA_CPP_CACHE,
     read_adapter_config,
@@ -49,15 +47,27 @@ from ..runfolder import (
 )
 from .export import (
     CHECK_CONVERSATIONS,
-    VERIFY_NEW_TOKENS,
-    VERIFY_PROMPTS,
-    Conversation,
     ExportError,
     check_portability,
-    export_adapter,
     export_chat_template,
+    export_hf,
+    finish_record,
     messages_for,
-    verification_prompts,
+    placed,
+    qlora_base_weights,
+    unverified_name,
+)
+from .lora_scale import fold_for_llama_cpp
+from .verify import (
+    VERIFY_NEW_TOKENS,
+    Conversation,
+    Reference,
+    VerificationFailed,
+    VerifySet,
+    compare,
+    gate,
+    lorakit_reference,
+    verification_set,
 )
 
 QUANTS = ("f16", "bf16", "q8_0", "q4_k_m", "q5_k_m", "q6_k")
@@ -67,12 +77,6 @@ KQUANT_FTYPES = {
     "q5_k_m": "LLAMA_FTYPE_MOSTLY_Q5_K_M",
     "q6_k": "LLAMA_FTYPE_MOSTLY_Q6_K",
 }
-# The gate: teacher-forced next-token agreement. llama.cpp reads lorakit's prompt + lorakit's own
-# greedy answer, and at each answer position its top-1 token must be lorakit's. Unlike comparing
-# whole greedy answers, one near-tie rounded the other way counts as one token, not a diverged
-# answer, so the figure measures the weights and the quantization, not the luck of a tie.
-MIN_AGREEMENT = 0.9  # f16, bf16, q8_0: top-1 agreement needed
-MIN_AGREEMENT_KQUANT = 0.6  # k-quants lose more by design: measured and reported, only gross breakage fails
 INSTALL_HINT = "pip install 'lorakit[gguf]'"
 # modules convert_hf_to_gguf.py imports (a Llama vocab is tried with sentencepiece first) -> pip name
 CONVERTER_MODULES = {
@@ -281,10 +285,12 @@ def check_template(meta: dict, template, tokenizer, conversations: list[Conversa
     want = export_chat_template(template, tokenizer)
     got = meta.get("tokenizer.chat_template")
     if got != want:
-        raise ExportError("the GGUF's tokenizer.chat_template is not the training template")
+        raise VerificationFailed(
+            "verification failed: the GGUF's tokenizer.chat_template is not the training template"
+        )
     if meta.get("tokenizer.ggml.eos_token_id") != tokenizer.eos_token_id:
-        raise ExportError(
-            f"the GGUF's EOS id {meta.get('tokenizer.ggml.eos_token_id')} is not the tokenizer's "
+        raise VerificationFailed(
+            f"verification failed: the GGUF's EOS id {meta.get('tokenizer.ggml.eos_token_id')} is not the tokenizer's "
             f"{tokenizer.eos_token_id}"
         )
     render = _renderer(got, tokenizer)
@@ -302,9 +308,10 @@ def check_template(meta: dict, template, tokenizer, conversations: list[Conversa
         else:
             problems.append(f"{conv.instruction[:40]!r}: {len(rendered)} ids vs lorakit's {len(ids)}")
     if problems:
-        raise ExportError(
-            f"the GGUF's chat template does not render lorakit's prompt for {len(problems)} of "
-            f"{len(conversations)} conversations (first: {problems[0]})"
+        raise VerificationFailed(
+            f"verification failed: the GGUF's chat template does not render lorakit's prompt for {len(problems)} of "
+            f"{len(conversations)} conversations (first: {problems[0]})",
+            {"template_checked": len(conversations), "template_identical": identical},
         )
     return {"template_checked": len(conversations), "template_identical": identical}
 
@@ -331,38 +338,6 @@ def _renderer(jinja: str, tokenizer):
             add_generation_prompt=True,
             raise_exception=raise_exception,
         )
-
-
-def reference_answers(adapter_dir: Path, base: str, prompts: list[Conversation], new_tokens: int, trust=False):
-    """lorakit's Generator (base + adapter, fp32), greedy: (answers, generated token ids)."""
-    import torch
-
-    from .export import _free
-    from .generate import GenerationParams, Generator, answer_text, generate_kwargs
-
-    gen = Generator(base=base, adapter=str(adapter_dir), trust_remote_code=trust)
-    params = GenerationParams(max_new_tokens=new_tokens)
-    answers, streams = [], []
-    with torch.no_grad():
-        for c in prompts:
-            ids = torch.tensor([gen.prompt_ids(c.instruction, c.input, list(c.history), c.system)], device=gen.device)
-            out = gen.model.generate(
-                input_ids=ids, attention_mask=torch.ones_like(ids), **generate_kwargs(params, gen.tokenizer, gen.stops)
-            )
-            new = out[0, ids.shape[1] :].tolist()
-            answers.append(answer_text(gen.tokenizer, new, gen.stops))
-            streams.append(_until_stop(new, gen.stops.eos_ids(gen.tokenizer)))
-    tokenizer, template = gen.tokenizer, gen.template
-    del gen
-    _free()
-    return answers, streams, tokenizer, template
-
-
-def _until_stop(ids: list[int], stop_ids: list[int]) -> list[int]:
-    for i, t in enumerate(ids):
-        if t in stop_ids:
-            return ids[:i]
-    return ids
 
 
 def llama_cpp_answers(
@@ -404,119 +379,59 @@ def llama_cpp_answers(
     return answers, streams, generated / seconds if seconds > 0 else 0.0
 
 
-def teacher_forced_agreement(
+def llama_cpp_logits(
     model_path: Path, prompt_ids: list[list[int]], answers: list[list[int]], lora_path: Path | None = None
-) -> tuple[float, int]:
-    """Share of lorakit's answer tokens that llama.cpp also ranks first when it reads lorakit's
-    prompt and answer (teacher forcing), and how many tokens were compared."""
+) -> list:
+    """llama.cpp's next-token logits at each of lorakit's answer positions when it reads lorakit's
+    prompt and answer (teacher forcing): one float32 array [len(answer), n_vocab] per prompt."""
     import numpy as np
 
     llama_cpp = _need_binding("GGUF verification")
     n_ctx = max(256, max(len(p) + len(a) for p, a in zip(prompt_ids, answers)) + 8)
     kwargs: dict[str, Any] = {"lora_path": str(lora_path)} if lora_path else {}
     llm = llama_cpp.Llama(model_path=str(model_path), n_ctx=n_ctx, verbose=False, seed=0, logits_all=True, **kwargs)
-    agree = total = 0
+    found = []
     try:
         for prompt, answer in zip(prompt_ids, answers):
             if not answer:
+                found.append(np.zeros((0, llm.n_vocab()), dtype=np.float32))
                 continue
             llm.reset()
-            llm.eval(prompt + answer)
+            llm.eval(prompt + answer[:-1])
             # the logits at position i predict token i + 1
-            predicted = np.asarray(llm.scores[len(prompt) - 1 : len(prompt) - 1 + len(answer)]).argmax(-1)
-            agree += int((predicted == np.asarray(answer)).sum())
-            total += len(answer)
+            found.append(np.array(llm.scores[len(prompt) - 1 : len(prompt) - 1 + len(answer)], dtype=np.float32))
     finally:
         llm.close() if hasattr(llm, "close") else None
         del llm
-    return (agree / total if total else 1.0), total
+    return found
 
 
 def _text(llm, ids: list[int]) -> str:
     return llm.detokenize(ids).decode("utf-8", errors="replace")
 
 
-def _overlap(a: list[int], b: list[int]) -> float:
-    """Common-prefix length over the longer stream: 1.0 for identical token streams."""
-    if not a and not b:
-        return 1.0
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n / max(len(a), len(b))
-
-
 def verify_gguf(
-    model_path: Path,
-    adapter_dir: Path,
-    base: str,
-    quant: str,
-    n_prompts: int,
-    new_tokens: int,
-    lora_path: Path | None = None,
-    trust_remote_code: bool = False,
+    model_path: Path, reference: Reference, quant: str, lora_path: Path | None = None, min_top1: float | None = None
 ) -> dict:
+    """A GGUF (or base GGUF + GGUF LoRA) against lorakit's reference: its chat template and EOS, then
+    llama.cpp's greedy answers and teacher-forced logits; gated as ``quant`` (verify.THRESHOLDS)."""
     _need_binding("GGUF verification")
-    prompts, source = verification_prompts(adapter_dir, n_prompts)
-    ours, our_ids, tokenizer, template = reference_answers(adapter_dir, base, prompts, new_tokens, trust_remote_code)
+    template, tokenizer = reference.template, reference.tokenizer
     meta = gguf_metadata(model_path)
-    figures = check_template(meta, template, tokenizer, CHECK_CONVERSATIONS + prompts)
+    figures = check_template(meta, template, tokenizer, CHECK_CONVERSATIONS + reference.vset.prompts)
     stops = template.stops(tokenizer)
-    prompt_ids = [
-        template_ids
-        for template_ids in (
-            _prompt_ids(template, tokenizer, c)
-            for c in prompts  # lorakit's ids: this tests the weights
-        )
-    ]
-    theirs, their_ids, tps = llama_cpp_answers(
-        model_path, prompt_ids, stops.eos_ids(tokenizer), list(stops.strings), new_tokens, lora_path
+    answers, _, tps = llama_cpp_answers(
+        model_path,
+        reference.prompt_ids,
+        stops.eos_ids(tokenizer),
+        list(stops.strings),
+        reference.new_tokens,
+        lora_path,
     )
-    same = sum(a == b for a, b in zip(ours, theirs))
-    overlaps = [_overlap(a, b) for a, b in zip(our_ids, their_ids)]
-    agreement, compared = teacher_forced_agreement(model_path, prompt_ids, our_ids, lora_path)
-    threshold = MIN_AGREEMENT_KQUANT if quant in KQUANT_FTYPES else MIN_AGREEMENT
-    figures.update(
-        {
-            "answers_checked": len(prompts),
-            "answers_identical": same,
-            "answers_source": source,
-            "mean_token_overlap": round(sum(overlaps) / len(overlaps), 4) if overlaps else None,
-            "token_overlap": "common prefix of the greedy token streams / the longer stream",
-            "max_new_tokens": new_tokens,
-            "next_token_agreement": round(agreement, 4),
-            "next_token_agreement_tokens": compared,
-            "next_token_agreement_note": "teacher forced: llama.cpp's top-1 token at each of lorakit's answer tokens",
-            "min_next_token_agreement": threshold,
-            "threshold_note": (
-                f"{quant} is a k-quant: below {threshold:.0%} next-token agreement fails"
-                if quant in KQUANT_FTYPES
-                else f"{quant}: below {threshold:.0%} next-token agreement fails"
-            ),
-            "llama_cpp_tokens_per_s": round(tps, 1),
-            "reference": "lorakit Generator, base + adapter, fp32",
-            "differences": [
-                {"prompt": p.instruction[:80], "lorakit": a, "llama_cpp": b}
-                for p, a, b in zip(prompts, ours, theirs)
-                if a != b
-            ],
-        }
-    )
-    if agreement < threshold:
-        raise ExportError(
-            f"GGUF verification failed: llama.cpp ({quant}) ranks lorakit's next token first at only "
-            f"{agreement:.1%} of {compared} answer tokens (below {threshold:.0%}); greedy answers identical "
-            f"{same}/{len(prompts)}"
-        )
-    return figures
-
-
-def _prompt_ids(template, tokenizer, c: Conversation) -> list[int]:
-    from .generate import prompt_ids_for
-
-    return prompt_ids_for(template, tokenizer, c.instruction, c.input, list(c.history), c.system)
+    logits = llama_cpp_logits(model_path, reference.prompt_ids, reference.answer_ids, lora_path)
+    figures.update(compare(reference, answers, logits, tps))
+    figures["runtime"] = f"llama.cpp (llama-cpp-python {llama_cpp_python_version()}), {quant}"
+    return gate(figures, quant, min_top1)
 
 
 # ---- export ------------------------------------------------------------------------------------
@@ -546,9 +461,12 @@ def export_gguf(
     verify: bool = True,
     llama_cpp_dir: str | None = None,
     force: bool = False,
-    verify_prompts: int = VERIFY_PROMPTS,
-    verify_new_tokens: int = VERIFY_NEW_TOKENS,
+    vset: VerifySet | None = None,
+    reference: Reference | None = None,
+    new_tokens: int = VERIFY_NEW_TOKENS,
+    min_top1: float | None = None,
     trust_remote_code: bool = False,
+    qlora: dict | None = None,
 ) -> dict:
     """The adapter merged into its base as one GGUF file (``quant``) in ``out``; returns the record."""
     from .adapters import check_adapter_dir
@@ -562,17 +480,18 @@ def export_gguf(
     if verify or (quant in KQUANT_FTYPES and not shutil.which("llama-quantize")):
         _need_binding("--to gguf")
     tools = find_llama_cpp(llama_cpp_dir)
+    failure = None
     with staged_folder(out, "exporting") as staging:
         hf_dir = staging / ".merged-hf"
-        hf = export_adapter(
+        hf = export_hf(
             adapter_dir,
             hf_dir,
-            to="hf",
             base=base,
             dtype="fp32",
             force=True,
             verify=False,
             trust_remote_code=trust_remote_code,
+            qlora=qlora,
         )
         gguf_file = staging / f"{_stem(adapter_dir)}-{quant}{GGUF_SUFFIX}"
         started = time.perf_counter()
@@ -589,7 +508,7 @@ def export_gguf(
         record: dict[str, Any] = {
             "format": "gguf",
             "quant": quant,
-            "gguf_file": str(out / gguf_file.name),
+            "gguf_file": gguf_file.name,
             "gguf_bytes": gguf_file.stat().st_size,
             "convert_seconds": round(time.perf_counter() - started, 1),
             "converter": f"llama.cpp convert_hf_to_gguf.py from {tools.source}",
@@ -600,27 +519,32 @@ def export_gguf(
             "adapter": hf["adapter"],
             "base_model": hf["base_model"],
         }
+        if qlora:
+            record["qlora_base"] = qlora
         if quantizer:
             record["f16_bytes"] = f16_bytes
         meta = gguf_metadata(gguf_file)
         record["gguf_metadata"] = {k: v for k, v in meta.items() if k != "tokenizer.chat_template"}
         if verify:
-            try:
-                record["verification"] = verify_gguf(
-                    gguf_file,
+            if reference is None:
+                vset = vset or verification_set(adapter_dir)
+                reference = lorakit_reference(
                     adapter_dir,
                     hf["base_model"],
-                    quant,
-                    verify_prompts,
-                    verify_new_tokens,
-                    trust_remote_code=trust_remote_code,
+                    vset,
+                    new_tokens,
+                    "fp32",
+                    trust_remote_code,
+                    qlora_base_weights(qlora),
                 )
-            except ExportError as e:
-                raise ExportError(f"{e}; nothing was written to {out}") from None
-        else:
-            record["verification"] = None
-        atomic_write_json(staging / EXPORT_RECORD, record)
-    return {**record, "out": str(out)}
+            try:
+                record["verification"] = verify_gguf(gguf_file, reference, quant, min_top1=min_top1)
+            except VerificationFailed as e:
+                failure = e
+                gguf_file = gguf_file.rename(gguf_file.with_name(unverified_name(gguf_file.name)))
+                record["gguf_file"] = gguf_file.name
+        finish_record(staging, record, verify, failure, [gguf_file])
+    return placed(record, out, failure)
 
 
 def _base_folder_with_template(base_path: Path, folder: Path, tokenizer, template) -> None:
@@ -644,9 +568,12 @@ def export_gguf_lora(
     verify: bool = True,
     llama_cpp_dir: str | None = None,
     force: bool = False,
-    verify_prompts: int = VERIFY_PROMPTS,
-    verify_new_tokens: int = VERIFY_NEW_TOKENS,
+    vset: VerifySet | None = None,
+    reference: Reference | None = None,
+    new_tokens: int = VERIFY_NEW_TOKENS,
+    min_top1: float | None = None,
     trust_remote_code: bool = False,
+    qlora: dict | None = None,
 ) -> dict:
     """The adapter as a GGUF LoRA plus an f16 GGUF of its base (with the training template) in
     ``out``; returns the record (``lora_file``, ``base_gguf_file``)."""
@@ -676,6 +603,7 @@ def export_gguf_lora(
     tokenizer.chat_template = export_chat_template(template, tokenizer)
     stops = template.stops(tokenizer)
     stem = _stem(adapter_dir)
+    failure = None
     with staged_folder(out, "exporting") as staging:
         base_view = staging / ".base-hf"
         _base_folder_with_template(base_path, base_view, tokenizer, template)
@@ -683,14 +611,19 @@ def export_gguf_lora(
         lora_file = staging / f"{stem}-lora-f16{GGUF_SUFFIX}"
         started = time.perf_counter()
         run_script(tools, "convert_hf_to_gguf.py", [str(base_view), "--outfile", str(base_file), "--outtype", "f16"])
-        lora_args = ["--base", str(base_view), "--outfile", str(lora_file), "--outtype", "f16", str(adapter_dir)]
+        # llama.cpp applies alpha / rank with ONE alpha: rsLoRA and rank/alpha patterns are folded into lora_B
+        # (the folder keeps the adapter's name: the converter names the GGUF LoRA after it)
+        lora_src, folding = fold_for_llama_cpp(adapter_dir, staging / ".adapter-folded" / adapter_dir.resolve().name)
+        lora_args = ["--base", str(base_view), "--outfile", str(lora_file), "--outtype", "f16", str(lora_src)]
         run_script(tools, "convert_lora_to_gguf.py", lora_args)
         shutil.rmtree(base_view)
+        if lora_src != adapter_dir:
+            shutil.rmtree(lora_src.parent)
         record: dict[str, Any] = {
             "format": "gguf-lora",
             "quant": "f16",
-            "lora_file": str(out / lora_file.name),
-            "base_gguf_file": str(out / base_file.name),
+            "lora_file": lora_file.name,
+            "base_gguf_file": base_file.name,
             "lora_bytes": lora_file.stat().st_size,
             "base_gguf_bytes": base_file.stat().st_size,
             "convert_seconds": round(time.perf_counter() - started, 1),
@@ -705,48 +638,21 @@ def export_gguf_lora(
             "adapter": str(adapter_dir.resolve()),
             "base_model": base,
             "lora_metadata": gguf_metadata(lora_file),
+            "scale_folding": folding,
         }
+        if qlora:
+            record["qlora_base"] = qlora
         if verify:
+            if reference is None:
+                vset = vset or verification_set(adapter_dir)
+                reference = lorakit_reference(adapter_dir, base, vset, new_tokens, "fp32", trust_remote_code)
             try:
                 record["verification"] = verify_gguf(
-                    base_file,
-                    adapter_dir,
-                    base,
-                    "f16",
-                    verify_prompts,
-                    verify_new_tokens,
-                    lora_path=lora_file,
-                    trust_remote_code=trust_remote_code,
+                    base_file, reference, "f16", lora_path=lora_file, min_top1=min_top1
                 )
-            except ExportError as e:
-                raise ExportError(f"{e}; nothing was written to {out}") from None
-        else:
-            record["verification"] = None
-        atomic_write_json(staging / EXPORT_RECORD, record)
-    return {**record, "out": str(out)}
-
-
-def summary(record: dict) -> str:
-    if record["format"] == "gguf-lora":
-        lines = [
-            f"exported {record['adapter']} -> {record['lora_file']} ({record['lora_bytes'] / 1e6:.1f} MB) "
-            f"+ base {record['base_gguf_file']} ({record['base_gguf_bytes'] / 1e6:.1f} MB), "
-            f"template {record['template']}"
-        ]
-    else:
-        lines = [
-            f"exported {record['adapter']} -> {record['gguf_file']} ({record['quant']}, "
-            f"{record['gguf_bytes'] / 1e6:.1f} MB, template {record['template']})"
-        ]
-    v = record.get("verification")
-    if v:
-        lines.append(
-            f"verified with llama.cpp: chat template ids identical {v['template_identical']}/{v['template_checked']}, "
-            f"next-token agreement {v['next_token_agreement']:.1%} of {v['next_token_agreement_tokens']} tokens, "
-            f"greedy answers identical {v['answers_identical']}/{v['answers_checked']} "
-            f"(mean token overlap {v['mean_token_overlap']}, {v['llama_cpp_tokens_per_s']} tokens/s, "
-            f"{v['answers_source']})"
-        )
-    else:
-        lines.append("not verified (--no-verify)")
-    return "\n".join(lines)
+            except VerificationFailed as e:
+                failure = e
+                lora_file = lora_file.rename(lora_file.with_name(unverified_name(lora_file.name)))
+                record["lora_file"] = lora_file.name
+        finish_record(staging, record, verify, failure, [lora_file, base_file])
+    return placed(record, out, failure)

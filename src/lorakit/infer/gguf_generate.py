@@ -21,7 +21,7 @@ from typing import Any
 
 from ..data.records import Turn
 from ..errors import LorakitError
-from ..runfolder import read_export_record
+from ..runfolder import EXPORT_RECORD, read_export_record
 from .stops import StopFilter, cut_at_stop
 
 INSTALL_HINT = "pip install 'lorakit[gguf]'"
@@ -74,7 +74,7 @@ class GgufGenerator:
 
     def __init__(self, path: str | Path, n_ctx: int = 4096, verbose: bool = False):
         llama_cpp = _need_llama_cpp()
-        from ..console import info
+        from ..console import info, warn
         from .gguf import _renderer, gguf_metadata
 
         self.path = Path(path)
@@ -97,8 +97,13 @@ class GgufGenerator:
             bos_token=self.llm._model.token_get_text(bos) if bos != -1 else "",
         )
         record = read_export_record(self.path.parent) or {}
-        if record.get("format") != "gguf" or Path(str(record.get("gguf_file", ""))).name != self.path.name:
+        if self.path.name not in [f.get("name") for f in record.get("files") or [] if isinstance(f, dict)]:
             record = {}
+        if record and not record.get("verified"):
+            warn(
+                f"{self.path.name}: {EXPORT_RECORD} says this export is NOT verified "
+                f"({'it failed its verification' if record.get('verification') else 'exported with --no-verify'})"
+            )
         stops: dict[str, Any] = record.get("stops") or {}
         if record:
             kind = record.get("template_kind") or "chat"
@@ -107,7 +112,7 @@ class GgufGenerator:
             strings = tuple(s for s in stops.get("strings") or [] if s)
         else:
             info(
-                f"no {self.path.parent.name}/lorakit_export.json for {self.path.name}: "
+                f"no {self.path.parent.name}/{EXPORT_RECORD} for {self.path.name}: "
                 f"stopping at the EOS token ({texts.eos_token!r}) only"
             )
             kind = "alpaca" if "prompt_no_input" in jinja else "chat"  # lorakit's alpaca Jinja sets it

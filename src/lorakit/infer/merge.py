@@ -54,13 +54,23 @@ def check_merge_args(adapter: str | Path, out: str | Path, dtype: str, force: bo
 
 
 def load_merged(
-    adapter_dir: Path, base: str | None = None, dtype: str = "fp32", trust_remote_code: bool = False
+    adapter_dir: Path,
+    base: str | None = None,
+    dtype: str = "fp32",
+    trust_remote_code: bool = False,
+    base_weights: dict | None = None,
 ) -> Merged:
+    """The adapter merged into its base. ``base_weights`` (a QLoRA adapter's 4-bit settings,
+    qlora_base.trained_in_4bit): merge into the de-quantized 4-bit base instead of the original."""
     base = base or recorded_base_model(adapter_dir) or DEFAULT_BASE_MODEL
     model_path = resolve_model_path(base)
     tokenizer = load_tokenizer(model_path, trust_remote_code=trust_remote_code)
     # Merge in fp32 (exact), then cast once.
     model = load_model(model_path, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    if base_weights:
+        from .qlora_base import dequantize_like_training
+
+        dequantize_like_training(model, base_weights)
     model = load_adapter(model, adapter_dir, "default").merge_and_unload()
     model = model.to(DTYPES[dtype])
     model.config.use_cache = True

@@ -6,7 +6,7 @@ that prompts exactly as lorakit's training did.
       or base.gguf + adapter.gguf    with --lora-only: the base and a GGUF LoRA (gguf.export_gguf_lora)
       Modelfile                      FROM, ADAPTER, TEMPLATE, SYSTEM, PARAMETER lines
       README.md                      the two ollama commands
-      lorakit_export.json            this export's record (with the GGUF step's record)
+      export.json                    this export's record (with the GGUF step's record and figures)
 
 The Modelfile's TEMPLATE is the adapter's training template (the template policy's answer)
 written in Ollama's Go template syntax over ``.Messages`` (system message, multi-turn):
@@ -36,7 +36,7 @@ from typing import Any
 
 from ..data.templates import PromptTemplate
 from ..errors import LorakitError
-from ..files import atomic_write_json, atomic_write_text, staged_folder
+from ..files import atomic_write_text, staged_folder
 from ..runfolder import EXPORT_RECORD
 from .generate import GenerationParams
 
@@ -185,7 +185,7 @@ def modelfile_text(
 
 
 def readme_text(name: str, record: dict) -> str:
-    files = ", ".join(f"`{f}`" for f in record["files"])
+    files = ", ".join(f"`{f}`" for f in record["gguf_files"])
     return (
         f"# {name} for Ollama\n\n"
         f"Exported by `lorakit export --to ollama` from `{record['adapter']}` (base `{record['base_model']}`, "
@@ -224,19 +224,26 @@ def export_ollama(
     lora_only: bool = False,
     force: bool = False,
     verify: bool = True,
+    vset=None,
+    new_tokens: int | None = None,
+    min_top1: float | None = None,
     llama_cpp_dir: str | Path | None = None,
     name: str | None = None,
     trust_remote_code: bool = False,
     gguf_step: Callable[..., dict] | None = None,
     tokenizer=None,
+    qlora: dict | None = None,
 ) -> dict:
     """Write the Ollama folder for ``adapter`` at ``out``; returns the export record. ``gguf_step``
-    (tests) replaces gguf.export_gguf (or export_gguf_lora with ``lora_only``)."""
+    (tests) replaces gguf.export_gguf (or export_gguf_lora with ``lora_only``). A GGUF that fails its
+    verification is kept, marked unverified (its file name, UNVERIFIED.txt, the Modelfile's first
+    lines), and VerificationFailed is raised once the folder is in place."""
     from ..data.templates import resolve_template
     from ..models.registry import DEFAULT_BASE_MODEL
     from ..runfolder import recorded_base_model
-    from .export import check_portability
+    from .export import check_portability, finish_record, placed
     from .merge import check_merge_args
+    from .verify import VerificationFailed
 
     target = "ollama"
     adapter_dir, out = check_merge_args(adapter, out, "fp32", force)
@@ -261,45 +268,54 @@ def export_ollama(
         "adapter": str(adapter_dir.resolve()),
         "base_model": base_name,
     }
+    checks: dict[str, Any] = {"base": base, "verify": verify, "llama_cpp_dir": llama_cpp_dir}
+    if qlora:
+        checks["qlora"] = qlora
+    if verify:
+        checks.update(vset=vset, min_top1=min_top1, trust_remote_code=trust_remote_code)
+        if new_tokens:
+            checks["new_tokens"] = new_tokens
+    failure = None
     with staged_folder(out, "exporting") as staging:
         work = staging / _WORK
-        if lora_only:
-            gguf_record = step(adapter_dir, work, base=base, verify=verify, llama_cpp_dir=llama_cpp_dir)
-            keys = ("base_gguf_file", "lora_file")
-        else:
-            gguf_record = step(adapter_dir, work, base=base, quant=quant, verify=verify, llama_cpp_dir=llama_cpp_dir)
-            keys = ("gguf_file",)
+        try:
+            if lora_only:
+                gguf_record = step(adapter_dir, work, **checks)
+            else:
+                gguf_record = step(adapter_dir, work, quant=quant, **checks)
+        except VerificationFailed as e:
+            if e.record is None:  # failed before a file was kept
+                raise
+            failure, gguf_record = e, e.record
+        keys = ("base_gguf_file", "lora_file") if lora_only else ("gguf_file",)
         moved = []
         for key in keys:
-            path = Path(str(gguf_record.get(key) or ""))
-            if not path.is_file():  # a name relative to the step's folder rather than to the working directory
-                path = work / path.name
+            path = work / Path(str(gguf_record.get(key) or "")).name
             if not gguf_record.get(key) or not path.is_file():
                 raise OllamaExportError(f"--to ollama: the GGUF step wrote no {key} ({path})")
             shutil.move(str(path), str(staging / path.name))
-            moved.append(path.name)
+            moved.append(staging / path.name)
         shutil.rmtree(work, ignore_errors=True)
-        record["files"] = moved
-        record["gguf"] = {k: v for k, v in gguf_record.items() if k not in keys}
+        record["gguf"] = {
+            k: v for k, v in gguf_record.items() if k not in (*keys, "files", "verification", "out", "versions")
+        }
+        record["gguf_files"] = [p.name for p in moved]
         record["verification"] = gguf_record.get("verification")
         text = modelfile_text(
-            moved[0], template_text, stops, adapter_file=moved[1] if lora_only else None, system=system
+            moved[0].name, template_text, stops, adapter_file=moved[1].name if lora_only else None, system=system
         )
+        if failure is not None:
+            text = f"# UNVERIFIED: this export failed its verification (see {EXPORT_RECORD}); do not deploy it\n{text}"
         atomic_write_text(staging / MODELFILE, text)
         atomic_write_text(staging / README, readme_text(name, record))
-        atomic_write_json(staging / EXPORT_RECORD, record)
-    return {**record, "out": str(out), "modelfile": str(out / MODELFILE), "name": name}
+        finish_record(staging, record, verify, failure, moved)
+    return {**placed(record, out, failure), "modelfile": str(out / MODELFILE), "name": name}
 
 
 def summary(record: dict) -> str:
-    lines = [
-        f"exported {record['adapter']} -> {record['out']} (ollama, {'lora-only' if record['lora_only'] else 'merged'}"
-        f"{'' if record['lora_only'] else ', ' + str(record['quant'])}, template {record['template']})",
-        f"files {', '.join(record['files'])}, Modelfile; stops {record['stops']}",
-    ]
-    v = record.get("verification")
-    lines.append(f"verified: {json.dumps(v, ensure_ascii=False)}" if v else "not verified")
-    lines.append(
-        f"then: cd {record['out']} && ollama create {record['name']} -f Modelfile && ollama run {record['name']}"
+    from .export import summary as export_summary
+
+    return (
+        export_summary(record)
+        + f"\nthen: cd {record['out']} && ollama create {record['name']} -f Modelfile && ollama run {record['name']}"
     )
-    return "\n".join(lines)

@@ -11,7 +11,6 @@ import importlib.util
 import json
 import os
 import platform
-import random
 import re
 import resource
 import shutil
@@ -22,7 +21,7 @@ from pathlib import Path
 import torch
 
 from .. import __version__
-from ..config import TrainConfig, dump_config
+from ..config import TrainConfig, dump_config, split_validation
 from ..console import info, warn
 from ..data.collate import build_collator, require_packing
 from ..data.loader import load_examples
@@ -212,9 +211,7 @@ class LoraFinetune:
             raise ConfigError(
                 f"val_set_size: {cfg.val_set_size} leaves no training examples (the data has {len(examples)})"
             )
-        if n_val:
-            random.Random(cfg.seed).shuffle(examples)
-        val_examples, train_examples = examples[:n_val], examples[n_val:]
+        val_examples, train_examples = split_validation(examples, n_val, cfg.seed)
         encode = ExampleTokenizer(
             self.tokenizer,
             self.template,

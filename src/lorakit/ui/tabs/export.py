@@ -1,6 +1,7 @@
 """The Export tab: `lorakit export` of an adapter of the workdir (hf, gguf or ollama), run as a
 subprocess (the page stays light and answering), into WORKDIR/exports/NAME; the command line, the
-command's summary and the verification figures of the export record (lorakit_export.json)."""
+command's summary and the verification figures of the export record (export.json); an export that
+failed its verification shows its figures and where it was kept, marked unverified."""
 
 from __future__ import annotations
 
@@ -91,12 +92,12 @@ def build(shared: Shared) -> gr.Tab:
             exp_name = gr.Textbox(label="Export name (default: ADAPTER-FORMAT)", elem_id="export-name", scale=2)
             exp_base = gr.Textbox(label="Base model (default: the adapter's)", elem_id="export-base", scale=2)
         with gr.Row():
-            exp_verify = gr.Checkbox(True, label="Verify before writing", elem_id="export-verify")
+            exp_verify = gr.Checkbox(True, label="Verify against lorakit's answers", elem_id="export-verify")
             exp_force = gr.Checkbox(False, label="Replace an existing export", elem_id="export-force")
         exp_btn = gr.Button("Export", variant="primary", elem_id="export-run")
         exp_command = gr.Markdown(elem_id="export-command")
         exp_status = gr.Markdown(elem_id="export-status")
-        exp_figures = gr.Code(label="Verification (lorakit_export.json)", language="json", elem_id="export-figures")
+        exp_figures = gr.Code(label="Verification (export.json)", language="json", elem_id="export-figures")
 
     shared.refreshes(exp_adapter, lambda: gr.update(choices=workdir.adapter_choices()))
 
@@ -111,7 +112,10 @@ def build(shared: Shared) -> gr.Tab:
         try:
             summary = run_export(workdir, args)
         except Exception as e:
-            yield {exp_status: error_text(e), exp_figures: ""}
+            record = read_export_record(out) or {}
+            failed = record.get("verified") is False and record.get("verification")  # kept, marked unverified
+            figures = json.dumps(record["verification"], indent=2, ensure_ascii=False) if failed else ""
+            yield {exp_status: error_text(e), exp_figures: figures}
             return
         record = read_export_record(out) or {}
         figures = record.get("verification")
