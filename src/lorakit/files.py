@@ -62,9 +62,10 @@ def atomic_write_json(path: str | Path, data: Any) -> Path:
 def staged_folder(out: str | Path, tag: str = "staging") -> Iterator[Path]:
     """A new hidden folder beside ``out`` to write into; moved to ``out`` (move_into_place) when
     the block ends without an error, removed in every case, so an error or a kill leaves ``out``
-    as it was."""
+    as it was. Staging folders of killed earlier runs for the same ``out`` are removed first."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    remove_dead_staging(out, tag)
     staging = out.with_name(f".{out.name}.{tag}-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
@@ -73,6 +74,28 @@ def staged_folder(out: str | Path, tag: str = "staging") -> Iterator[Path]:
         move_into_place(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def remove_dead_staging(out: Path, tag: str) -> list[Path]:
+    """Remove the staging folders beside ``out`` left by a process that was killed (kill -9, power
+    loss: its ``finally`` never ran); a live process's staging folder is left alone."""
+    removed = []
+    for stale in out.parent.glob(f".{out.name}.{tag}-*"):
+        pid = stale.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+            removed.append(stale)
+    return removed
 
 
 def move_into_place(staging: Path, out: Path) -> None:

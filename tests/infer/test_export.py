@@ -11,6 +11,7 @@ import sys
 
 import pytest
 import torch
+from process_helpers import kill_when
 from random_adapter import make_random_adapter
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
@@ -214,3 +215,16 @@ def test_cli_bad_args(case, needle, adapter, tmp_path):
     lines = r.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], r.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_kill_9_during_export_leaves_no_output(tiny_model_dir, adapter, tmp_path):
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "lorakit.cli", "export", "--adapter", str(adapter), "--base", str(tiny_model_dir)]
+    cmd += ["--to", "hf", "--out", str(out), "--verify-prompts", "2"]
+    # killed once the merged weights are written and the verification runs
+    kill_when(cmd, ".killed.exporting-*", tmp_path, lambda p: (p / "model.safetensors").exists(), tmp_path)
+    assert not out.exists()
+    (stale,) = tmp_path.glob(".killed.exporting-*")  # the killed process could not clean up ...
+    record = export(adapter, out, base=str(tiny_model_dir), verify_prompts=2, verify_new_tokens=4)
+    assert record["verified"] and (out / EXPORT_RECORD).is_file()
+    assert not stale.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["killed"]  # ... the next export did

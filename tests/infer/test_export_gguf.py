@@ -186,3 +186,18 @@ def test_without_llama_cpp_python_one_line(adapter, tmp_path, monkeypatch):
     monkeypatch.setattr(gguf_mod, "llama_cpp_python_version", lambda: None)
     with pytest.raises(ExportError, match=r"needs llama.cpp: pip install 'lorakit\[gguf\]'"):
         export_gguf(adapter, tmp_path / "out", verify=False)
+
+
+def test_kill_9_during_gguf_conversion_leaves_no_output(adapter, tmp_path):
+    import sys
+
+    from process_helpers import kill_when
+
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "lorakit.cli", "export", "--adapter", str(adapter), "--to", "gguf"]
+    cmd += ["--quant", "f16", "--out", str(out)]
+    # killed while llama.cpp's converter writes the GGUF
+    kill_when(cmd, ".killed.exporting-*", tmp_path, lambda p: any(p.glob("*.gguf")), tmp_path)
+    assert not out.exists()
+    export_gguf(adapter, out, quant="f16", verify=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["killed"]

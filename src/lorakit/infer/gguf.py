@@ -209,11 +209,21 @@ def _check_converter_modules() -> None:
         raise ExportError(f"llama.cpp's converter needs {', '.join(missing)}: pip install {' '.join(missing)}")
 
 
+def _die_with_parent() -> None:
+    """In the converter's process (Linux): die when lorakit dies, so a killed export leaves no
+    converter writing on (prctl PR_SET_PDEATHSIG, SIGKILL); elsewhere nothing."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, 9)  # PR_SET_PDEATHSIG = 1, SIGKILL = 9
+        except OSError:
+            pass
+
+
 def run_script(tools: LlamaCpp, script: str, args: list[str]) -> None:
     """Run one of llama.cpp's convert scripts with this python; its last error line on failure."""
     _check_converter_modules()
     cmd = [sys.executable, str(tools.script(script))] + args
-    result = subprocess.run(cmd, capture_output=True, text=True, env=tools.env())
+    result = subprocess.run(cmd, capture_output=True, text=True, env=tools.env(), preexec_fn=_die_with_parent)
     if result.returncode != 0:
         output = result.stderr or result.stdout
         module = re.findall(r"No module named '([^']+)'", output)
