@@ -183,7 +183,7 @@ def recorded_path(run_dir: str | Path, path: str, config: dict | None = None) ->
     run = Path(run_dir).resolve()
     if output_dir and not Path(output_dir).is_absolute():
         parts = len(Path(output_dir).parts)
-        if run.as_posix().endswith(Path(output_dir).as_posix()) and parts < len(run.parts):
+        if parts < len(run.parts) and run.parts[-parts:] == Path(output_dir).parts:
             candidate = run.parents[parts - 1] / given
             if candidate.exists():
                 return candidate

@@ -661,6 +661,8 @@ def summary(record: dict) -> str:
             else ""
         )
         lines.append(f"verified ({v['reference']}): {check}{describe(v)}")
+        if v.get("warning"):
+            lines.append(f"WARNING: {v['warning']}")
     elif v:
         lines.append(f"FAILED verification: {describe(v)}")
     else:

@@ -6,7 +6,7 @@
   llama.cpp's own BOS/EOS texts), tokenized with ``add_bos=False, special=True``: the template carries
   the leading tokens, as lorakit's prompt does, so the ids are lorakit's ``prompt_ids_for``.
 - The stops: EOS (and the template's marker tokens) end generation; the marker strings cut the
-  answer. They come from ``lorakit_export.json`` beside the file; without it, only the EOS token
+  answer. They come from ``export.json`` beside the file; without it, only the EOS token
   (as an id and as its text).
 - Greedy by default (temperature 0 = top-k 1), sampled with ``seed`` when temperature > 0.
 """

@@ -47,6 +47,9 @@ THRESHOLDS: dict[str, tuple[float | None, float | None]] = {
     "q6_k": (None, None),
 }
 
+# a format with no top-1 rule (k-quants) below this top-1 agreement passes with a warning
+WARN_TOP1 = 0.95
+
 FIXED_PROMPTS = [  # (instruction, input) when nothing of the adapter's data can be read
     ("What is the capital of France?", ""),
     ("Who are you?", ""),
@@ -324,7 +327,8 @@ def compare(reference: Reference, answers: list[str], logits: list[Any], tokens_
         q_log = torch.log_softmax(got[: len(ids), :vocab], dim=-1)
         agree += int((q_log.argmax(-1) == torch.tensor(ids)).sum())
         total += len(ids)
-        kl = (p_log.exp() * (p_log - q_log)).sum(-1).clamp_min(0.0)
+        p = p_log.exp()  # a token lorakit gives probability 0 adds 0 (not 0 * -inf)
+        kl = torch.where(p > 0, p * (p_log - q_log), torch.zeros_like(p)).sum(-1).clamp_min(0.0)
         kl_sum += float(kl.sum())
         kl_max = max(kl_max, float(kl.max()))
     n = len(reference.answers)
@@ -335,6 +339,7 @@ def compare(reference: Reference, answers: list[str], logits: list[Any], tokens_
         "greedy_identical": same,
         "greedy_identical_share": round(same / n, 4) if n else None,
         "top1_agreement": round(agree / total, 4) if total else 1.0,
+        "top1_matches": agree,
         "mean_kl": round(kl_sum / total, 6) if total else 0.0,
         "max_kl": round(kl_max, 6),
         "tokens_compared": total,
@@ -362,17 +367,26 @@ def gate(figures: dict, kind: str, min_top1: float | None = None) -> dict:
     figures["min_greedy_identical_share"] = min_identical
     figures["min_top1_agreement"] = top1_rule
     failures = []
-    share = figures.get("greedy_identical_share")
-    if min_identical is not None and share is not None and share + 1e-9 < min_identical:
+    # the rule is applied to the exact ratios, not to the rounded figures shown
+    n, total = figures.get("prompts") or 0, figures.get("tokens_compared") or 0
+    share = figures["greedy_identical"] / n if n else None
+    top1 = figures["top1_matches"] / total if total and "top1_matches" in figures else figures["top1_agreement"]
+    if min_identical is not None and share is not None and share < min_identical:
         failures.append(
             f"greedy answers identical {figures['greedy_identical']}/{figures['prompts']} (below {min_identical:.0%})"
         )
-    if top1_rule is not None and figures["top1_agreement"] + 1e-9 < top1_rule:
+    if top1_rule is not None and top1 < top1_rule:
         failures.append(
             f"top-1 agreement {figures['top1_agreement']:.2%} of {figures['tokens_compared']} tokens "
             f"(below {top1_rule:.0%})"
         )
     figures["passed"] = not failures
+    if top1_rule is None and top1 < WARN_TOP1:
+        figures["warning"] = (
+            f"{kind} changes {1 - figures['top1_agreement']:.1%} of lorakit's next tokens (mean KL "
+            f"{figures['mean_kl']:.3g}, greedy answers identical {figures['greedy_identical']}/{figures['prompts']}): "
+            "try it on your own prompts before deploying it, or choose q8_0 / q6_k"
+        )
     if failures:
         raise VerificationFailed(
             f"verification failed ({kind}): {'; '.join(failures)}; mean KL {figures['mean_kl']:.4g}", figures
