@@ -217,6 +217,7 @@ def test_cli_bad_args(case, needle, adapter, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.heavy  # a .ci/run step of its own (pyproject: markers)
 def test_kill_9_during_export_leaves_no_output(tiny_model_dir, adapter, tmp_path):
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "lorakit.cli", "export", "--adapter", str(adapter), "--base", str(tiny_model_dir)]

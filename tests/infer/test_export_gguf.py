@@ -152,6 +152,7 @@ def test_a_failed_check_keeps_the_file_marked_unverified(adapter, tmp_path, monk
     assert _leftovers(out) == []
 
 
+@pytest.mark.heavy  # a .ci/run step of its own (pyproject: markers)
 def test_cli_min_top1_fails_with_exit_1_and_records_it(adapter, tmp_path):
     """--min-top1 above what a q4_k_m of a random model reaches: exit 1, one error line with the figures,
     the file kept as *-UNVERIFIED.gguf, the export in the adapter's manifest as unverified."""
@@ -188,6 +189,7 @@ def test_without_llama_cpp_python_one_line(adapter, tmp_path, monkeypatch):
         export_gguf(adapter, tmp_path / "out", verify=False)
 
 
+@pytest.mark.heavy  # a .ci/run step of its own (pyproject: markers)
 def test_kill_9_during_gguf_conversion_leaves_no_output(adapter, tmp_path):
     import sys
 

@@ -2,9 +2,8 @@
 lorakit's own answers, as a user runs it; the tiny-model tests check the mechanics, this checks the
 thresholds hold on a real model.
 
-Slow (about 6 minutes on 2 cores, llama.cpp's converter once per format): deselected from the
-default run (marker ``export_smollm2``), run by .ci/run as its own step:
-``python -m pytest -q -m export_smollm2``."""
+Slow (about 5 minutes on 2 cores, llama.cpp's converter once per format): deselected from the
+default run (marker ``heavy``), run by .ci/run as its own step: ``python -m pytest -q -m heavy``."""
 
 import json
 import os
@@ -18,10 +17,10 @@ pytest.importorskip("llama_cpp", reason="needs llama-cpp-python: pip install 'lo
 
 from lorakit.infer import gguf
 from lorakit.infer.export import export_hf
-from lorakit.infer.verify import THRESHOLDS, lorakit_reference, verification_set
-from lorakit.runfolder import EXPORT_RECORD, MANIFEST
+from lorakit.infer.verify import THRESHOLDS, VerificationFailed, lorakit_reference, verification_set
+from lorakit.runfolder import EXPORT_RECORD, MANIFEST, UNVERIFIED_MARKER
 
-pytestmark = pytest.mark.export_smollm2
+pytestmark = pytest.mark.heavy
 
 
 @pytest.fixture(autouse=True)
@@ -45,23 +44,34 @@ def reference(adapter, smollm2_path):
 
 @pytest.mark.parametrize("fmt", ["hf", "f16", "bf16", "q8_0", "q4_k_m", "q5_k_m", "q6_k", "gguf-lora"])
 def test_every_format_is_written_and_verified(fmt, adapter, reference, tmp_path):
+    """hf, f16 and the GGUF LoRA are lossless and must pass; bf16 and q8_0 sit near their rule (on
+    smollm2 a near-tie can flip one of the answers: bf16 then fails the 95% greedy rule, q8_0 the 97%
+    top-1 rule, as on a12 in docs/deploy.md) and must then be kept, marked unverified; k-quants are
+    reported."""
     out = tmp_path / fmt
-    if fmt == "hf":
-        record = export_hf(adapter, out, reference=reference)
-    elif fmt == "gguf-lora":
-        record = gguf.export_gguf_lora(adapter, out, reference=reference)
-    else:
-        record = gguf.export_gguf(adapter, out, quant=fmt, reference=reference)
+    try:
+        if fmt == "hf":
+            record = export_hf(adapter, out, reference=reference)
+        elif fmt == "gguf-lora":
+            record = gguf.export_gguf_lora(adapter, out, reference=reference)
+        else:
+            record = gguf.export_gguf(adapter, out, quant=fmt, reference=reference)
+    except VerificationFailed as e:
+        assert fmt in ("bf16", "q8_0"), f"{fmt} must pass: {e}"
+        record = e.record
+        assert (out / UNVERIFIED_MARKER).is_file() and not record["verified"]
     v = record["verification"]
-    assert record["verified"] and v["passed"], v
     min_greedy, min_top1 = THRESHOLDS.get(fmt, THRESHOLDS["f16"])
     assert (v["min_greedy_identical_share"], v["min_top1_agreement"]) == (min_greedy, min_top1)
     assert v["template_identical"] == v["template_checked"] and v["tokens_compared"] > 100
+    assert v["passed"] == record["verified"]
     if fmt in ("hf", "f16", "gguf-lora"):
-        assert v["top1_agreement"] >= 0.99 and v["mean_kl"] < 1e-3, v
+        assert v["top1_agreement"] >= 0.99 and v["mean_kl"] < 1e-3 and record["verified"], v
+    if fmt in ("bf16", "q8_0"):
+        assert v["top1_agreement"] >= 0.95 and v["mean_kl"] < 0.01, v
     assert v["mean_kl"] >= 0 and 0 <= v["top1_agreement"] <= 1
     saved = json.loads((out / EXPORT_RECORD).read_text())
-    assert saved["verification"] == v and all(len(f["sha256"]) == 64 for f in saved["files"])
+    assert saved["verified"] == record["verified"] and all(len(f["sha256"]) == 64 for f in saved["files"])
 
 
 def test_cli_ollama_and_generate_gguf(adapter, tmp_path):

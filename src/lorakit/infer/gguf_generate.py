@@ -105,6 +105,8 @@ class GgufGenerator:
                 f"({'it failed its verification' if record.get('verification') else 'exported with --no-verify'})"
             )
         stops: dict[str, Any] = record.get("stops") or {}
+        if not isinstance(stops, dict):  # an Ollama folder: its stops are the Modelfile's; the GGUF step's are here
+            stops = (record.get("gguf") or {}).get("stops") or {}
         if record:
             kind = record.get("template_kind") or "chat"
             self.template = GgufTemplate(str(record.get("template") or "gguf"), kind, jinja)
