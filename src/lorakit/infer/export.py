@@ -650,6 +650,8 @@ def summary(record: dict) -> str:
     lines = [f"exported {record['adapter']} -> {record['out']} ({what}, template {record['template']})"]
     if files:
         lines.append(f"files: {files}{more}")
+    if record.get("quantizer_fallback"):
+        lines.append(f"llama.cpp's quantizer: {record['quantizer_fallback']} (widths not a multiple of 256)")
     if record["format"] == "hf":
         g = record["generation_config"]
         lines.append(f"eos_token_id {g['eos_token_id']}, stop_strings {g['stop_strings']}")

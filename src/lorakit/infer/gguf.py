@@ -34,8 +34,10 @@ import sys
 import tarfile
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from ..files import staged_folder
@@ -234,23 +236,62 @@ def run_script(tools: LlamaCpp, script: str, args: list[str]) -> None:
         raise ExportError(f"llama.cpp's {script} failed: {reason}")
 
 
-def quantize(src: Path, dst: Path, quant: str) -> str:
-    """A k-quant of ``src`` (an f16 GGUF) at ``dst``: llama-quantize on PATH, else the binding."""
+@contextmanager
+def _native_stderr():
+    """Capture what native code (llama.cpp's quantizer logs every tensor) writes to file descriptor
+    2, so the user's terminal gets lorakit's summary, not hundreds of lines; ``.text`` after the block."""
+    import io
+
+    log = SimpleNamespace(text="")
+    python_side, python_stderr = io.StringIO(), sys.stderr  # llama-cpp-python's log callback writes here
+    with tempfile.TemporaryFile() as tmp:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(tmp.fileno(), 2)
+        sys.stderr = python_side
+        try:
+            yield log
+        finally:
+            sys.stderr = python_stderr
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            log.text = tmp.read().decode("utf-8", errors="replace") + python_side.getvalue()
+
+
+def _fallback_note(log: str) -> str | None:
+    """llama.cpp's note that tensors whose width is not a multiple of a k-quant's 256-wide block were
+    written in another type (e.g. q4_K -> q5_0): the file is not the k-quant its name says."""
+    found = re.search(r"(\d+) of (\d+) tensor\(s\) required fallback quantization", log)
+    if not found:
+        return None
+    types = sorted(set(re.findall(r"falling back to\s+(\w+)", log)))
+    return f"{found.group(1)} of {found.group(2)} tensors fell back to {', '.join(types) or 'other types'}"
+
+
+def quantize(src: Path, dst: Path, quant: str) -> tuple[str, str | None]:
+    """A k-quant of ``src`` (an f16 GGUF) at ``dst``: llama-quantize on PATH, else the binding.
+    Returns (the quantizer used, llama.cpp's fallback note or None)."""
     binary = shutil.which("llama-quantize")
     if binary:
         result = subprocess.run([binary, str(src), str(dst), quant.upper()], capture_output=True, text=True)
         if result.returncode != 0 or not dst.is_file():
             lines = [s.strip() for s in (result.stderr or result.stdout).splitlines() if s.strip()]
             raise ExportError(f"llama-quantize failed: {lines[-1] if lines else result.returncode}")
-        return binary
+        return binary, _fallback_note(result.stderr + result.stdout)
     llama_cpp = _need_binding(f"--quant {quant}")
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, KQUANT_FTYPES[quant])
     params.nthread = os.cpu_count() or 1
-    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    with _native_stderr() as log:
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
     if rc != 0 or not dst.is_file():
-        raise ExportError(f"llama.cpp could not quantize {src.name} to {quant} (llama_model_quantize returned {rc})")
-    return f"llama-cpp-python {llama_cpp_python_version()} llama_model_quantize"
+        lines = [s.strip() for s in log.text.splitlines() if s.strip()]
+        raise ExportError(
+            f"llama.cpp could not quantize {src.name} to {quant} (llama_model_quantize returned {rc}"
+            + (f": {lines[-1]})" if lines else ")")
+        )
+    return f"llama-cpp-python {llama_cpp_python_version()} llama_model_quantize", _fallback_note(log.text)
 
 
 # ---- reading a GGUF back -----------------------------------------------------------------------
@@ -507,11 +548,11 @@ def export_gguf(
         started = time.perf_counter()
         if quant in CONVERTER_TYPES:
             run_script(tools, "convert_hf_to_gguf.py", [str(hf_dir), "--outfile", str(gguf_file), "--outtype", quant])
-            quantizer = None
+            quantizer = fallback = None
         else:
             f16 = staging / f".{gguf_file.stem}.f16{GGUF_SUFFIX}"
             run_script(tools, "convert_hf_to_gguf.py", [str(hf_dir), "--outfile", str(f16), "--outtype", "f16"])
-            quantizer = quantize(f16, gguf_file, quant)
+            quantizer, fallback = quantize(f16, gguf_file, quant)
             f16_bytes = f16.stat().st_size
             f16.unlink()
         shutil.rmtree(hf_dir)
@@ -533,6 +574,7 @@ def export_gguf(
             record["qlora_base"] = qlora
         if quantizer:
             record["f16_bytes"] = f16_bytes
+            record["quantizer_fallback"] = fallback
         meta = gguf_metadata(gguf_file)
         record["gguf_metadata"] = {k: v for k, v in meta.items() if k != "tokenizer.chat_template"}
         if verify:
