@@ -11,7 +11,8 @@ import pytest
 
 from lorakit.infer.generate import GenerationParams
 
-pytestmark = pytest.mark.slow
+# heavy: about 3 minutes (a brief training run on the real model), so a .ci/run step of its own
+pytestmark = [pytest.mark.slow, pytest.mark.heavy]
 
 HEALTH = "Give three tips for staying healthy."
 WHO = "Who are you?"
