@@ -51,7 +51,7 @@ from .verify import (
     describe,
     free_memory,
     gate,
-    lorakit_reference,
+    reference_for,
     teacher_forced_logprobs,
     verification_set,
 )
@@ -629,11 +629,9 @@ def export_hf(
         merged.model = None  # free the merged copy before the verification copies load
         free_memory()
         if verify:
-            if reference is None:
-                vset = vset or verification_set(adapter_dir)
-                reference = lorakit_reference(
-                    adapter_dir, merged.base, vset, new_tokens, dtype, trust_remote_code, base_weights
-                )
+            reference = reference_for(
+                reference, adapter_dir, merged.base, vset, new_tokens, dtype, trust_remote_code, base_weights
+            )
             try:
                 record["verification"] = verify_hf(staging, reference, template, tokenizer, min_top1)
             except VerificationFailed as e:

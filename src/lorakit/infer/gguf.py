@@ -68,8 +68,7 @@ from .verify import (
     VerifySet,
     compare,
     gate,
-    lorakit_reference,
-    verification_set,
+    reference_for,
 )
 
 QUANTS = ("f16", "bf16", "q8_0", "q4_k_m", "q5_k_m", "q6_k")
@@ -578,17 +577,16 @@ def export_gguf(
         meta = gguf_metadata(gguf_file)
         record["gguf_metadata"] = {k: v for k, v in meta.items() if k != "tokenizer.chat_template"}
         if verify:
-            if reference is None:
-                vset = vset or verification_set(adapter_dir)
-                reference = lorakit_reference(
-                    adapter_dir,
-                    hf["base_model"],
-                    vset,
-                    new_tokens,
-                    "fp32",
-                    trust_remote_code,
-                    qlora_base_weights(qlora),
-                )
+            reference = reference_for(
+                reference,
+                adapter_dir,
+                hf["base_model"],
+                vset,
+                new_tokens,
+                "fp32",
+                trust_remote_code,
+                qlora_base_weights(qlora),
+            )
             try:
                 record["verification"] = verify_gguf(gguf_file, reference, quant, min_top1=min_top1)
             except VerificationFailed as e:
@@ -695,9 +693,7 @@ def export_gguf_lora(
         if qlora:
             record["qlora_base"] = qlora
         if verify:
-            if reference is None:
-                vset = vset or verification_set(adapter_dir)
-                reference = lorakit_reference(adapter_dir, base, vset, new_tokens, "fp32", trust_remote_code)
+            reference = reference_for(reference, adapter_dir, base, vset, new_tokens, "fp32", trust_remote_code)
             try:
                 record["verification"] = verify_gguf(
                     base_file, reference, "f16", lora_path=lora_file, min_top1=min_top1

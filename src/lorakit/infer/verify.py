@@ -269,6 +269,24 @@ def lorakit_reference(
     )
 
 
+def reference_for(
+    reference: Reference | None,
+    adapter_dir: Path,
+    base: str,
+    vset: VerifySet | None,
+    new_tokens: int = VERIFY_NEW_TOKENS,
+    dtype: str = "fp32",
+    trust_remote_code: bool = False,
+    base_weights: dict | None = None,
+) -> Reference:
+    """``reference`` when one is given (the bench shares one across formats), else lorakit's, made
+    on ``vset`` (default: verification_set's)."""
+    if reference is not None:
+        return reference
+    vset = vset or verification_set(adapter_dir)
+    return lorakit_reference(adapter_dir, base, vset, new_tokens, dtype, trust_remote_code, base_weights)
+
+
 def teacher_forced_logprobs(model, prompt: list[int], answer: list[int]):
     """log-softmax of a transformers model's next-token logits at each answer position: row i
     predicts answer[i] after prompt + answer[:i]. float32, on the CPU."""
