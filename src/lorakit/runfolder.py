@@ -49,6 +49,13 @@ MERGE_RECORD = "lorakit_merge.json"
 EXPORT_RECORD = "export.json"
 UNVERIFIED_MARKER = "UNVERIFIED.txt"  # in an export folder whose verification failed
 GGUF_SUFFIX = ".gguf"
+# a vLLM deploy folder (lorakit export --to vllm)
+DEPLOY_LAUNCH = "launch.sh"
+DEPLOY_CHAT_TEMPLATE = "chat_template.jinja"
+DEPLOY_ADAPTERS = "adapters"
+DEPLOY_K8S = "k8s"
+DEPLOY_README = "README.md"
+VLLM_VENV = "vllm-venv"  # under lorakit_home(): the virtual environment scripts/install-vllm-cpu.sh makes
 LLAMA_CPP_CACHE = "llama.cpp"  # under lorakit_home(): llama.cpp's convert scripts, per llama-cpp-python version
 
 

