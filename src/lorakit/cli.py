@@ -233,8 +233,10 @@ def merge(
     force: bool = typer.Option(False, help="Replace --out if it exists."),
 ):
     """Merge the adapter into the base: a standalone model folder."""
+    from .files import check_writable_folder
     from .infer.merge import merge_adapter
 
+    check_writable_folder(out)  # before any model loads
     _quiet_libraries()
     path = merge_adapter(adapter, out, base=base, dtype=dtype, force=force)
     typer.echo(str(path))
@@ -312,8 +314,10 @@ def export(
     gguf-lora, ollama (GGUF + Modelfile whose TEMPLATE is the training template), vllm (a deploy
     folder for vLLM, checked through vLLM's own chat endpoint). The figures go to export.json in --out
     and to each adapter's manifest."""
+    from .files import check_writable_folder
     from .infer.export import check_portability
 
+    check_writable_folder(out)  # before any model loads
     vllm_only = {
         "--vllm-python": vllm_python,
         "--served-model-name": served_model_name,
@@ -503,6 +507,7 @@ def serve(
 
     if engine not in ("lorakit", "vllm"):
         raise LorakitError(f"--engine {engine}: one of lorakit, vllm")
+    _check_port(host, port)
     if engine == "vllm":
         from .infer.vllm_deploy import serve_vllm
 
@@ -582,10 +587,30 @@ def ui(
 
     if importlib.util.find_spec("gradio") is None:
         raise LorakitError("lorakit ui needs Gradio: pip install 'lorakit[ui]'")
+    _check_port(host, port)
     _quiet_libraries()
     from .ui.app import launch
 
     launch(workdir, host=host, port=port)
+
+
+def _check_port(host: str, port: int) -> None:
+    """--port in range and free on --host, before any model loads (one error line, exit 2)."""
+    import socket
+
+    if not 1 <= port <= 65535:
+        raise LorakitError(f"--port {port}: must be between 1 and 65535")
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as e:
+        raise LorakitError(f"--host {host}: not an address of this machine ({e})") from None
+    family, _, _, _, address = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            s.bind(address)
+        except OSError as e:
+            raise LorakitError(f"--port {port}: cannot listen on {host}:{port} ({e.strerror or e})") from None
 
 
 def main() -> None:
@@ -598,6 +623,10 @@ def main() -> None:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    except OSError as e:  # a file or folder the system refused: one line naming it, never a traceback
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"error: {where}{e.strerror or e}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

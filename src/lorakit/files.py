@@ -108,3 +108,22 @@ def move_into_place(staging: Path, out: Path) -> None:
         shutil.rmtree(trash, ignore_errors=True)
     else:
         os.rename(staging, out)
+
+
+def check_writable_folder(out: str | Path, flag: str = "--out") -> None:
+    """Refuse, before any work, an output folder that cannot be made: the nearest existing folder
+    above it must take a new folder (tried for real: permissions, read-only and pseudo file systems
+    all answer). One LorakitError line naming the path."""
+    from .errors import LorakitError
+
+    out = Path(out).expanduser().absolute()
+    parent = out.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise LorakitError(f"{flag}: {out}: {parent} is not a folder")
+    try:
+        probe = tempfile.mkdtemp(prefix=".lorakit-write-check-", dir=parent)
+    except OSError as e:
+        raise LorakitError(f"{flag}: {out}: cannot write in {parent} ({e.strerror or e})") from None
+    os.rmdir(probe)

@@ -19,7 +19,7 @@ import torch
 
 from ..data.templates import PromptTemplate, resolve_template
 from ..errors import LorakitError
-from ..files import atomic_write_json, staged_folder
+from ..files import atomic_write_json, check_writable_folder, staged_folder
 from ..models.loading import load_model, load_tokenizer, resolve_model_path
 from ..models.registry import DEFAULT_BASE_MODEL
 from ..runfolder import MERGE_RECORD, recorded_base_model
@@ -46,6 +46,7 @@ def check_merge_args(adapter: str | Path, out: str | Path, dtype: str, force: bo
         raise LorakitError(f"--dtype: '{dtype}' is not one of {', '.join(DTYPES)}")
     adapter_dir = check_adapter_dir(adapter)
     out = Path(out)
+    check_writable_folder(out)
     if out.exists() and not out.is_dir():
         raise LorakitError(f"--out: {out} exists and is not a folder")
     if out.exists() and any(out.iterdir()) and not force:
