@@ -44,11 +44,17 @@ def test_port_taken(command, env, tmp_path, tiny_model_dir):
         port = s.getsockname()[1]
         base = ["--base", str(tiny_model_dir)] if command[0] == "serve" else ["--workdir", str(tmp_path / "w")]
         r = lorakit(*command, *base, "--port", port, cwd=tmp_path, env=env)
-    assert_user_error(r, f"--port {port}", "cannot listen on 127.0.0.1")
+    assert_user_error(r, f"--port: cannot listen on 127.0.0.1:{port}")
 
 
-@pytest.mark.parametrize("out", ["/proc/nope", "/proc/nope/deeper", "/dev/null/x"])
-@pytest.mark.parametrize("command", [["merge"], ["export", "--to", "hf"], ["export", "--to", "vllm", "--no-verify"]])
+@pytest.mark.parametrize(
+    "command, out",
+    [
+        (["merge"], "/proc/nope"),  # a pseudo file system
+        (["export", "--to", "hf"], "/proc/nope/deeper"),
+        (["export", "--to", "vllm", "--no-verify"], "/dev/null/x"),  # a file where a folder must be
+    ],
+)
 def test_output_folder_that_cannot_be_written(command, out, adapter, env, tmp_path):
     r = lorakit(*command, "--adapter", adapter, "--out", out, cwd=tmp_path, env=env)
     assert_user_error(r, f"--out: {out}")

@@ -610,7 +610,7 @@ def _check_port(host: str, port: int) -> None:
         try:
             s.bind(address)
         except OSError as e:
-            raise LorakitError(f"--port {port}: cannot listen on {host}:{port} ({e.strerror or e})") from None
+            raise LorakitError(f"--port: cannot listen on {host}:{port} ({e.strerror or e})") from None
 
 
 def main() -> None:

@@ -58,7 +58,7 @@ sys.exit(int(os.environ.get("FAKE_VLLM_EXIT", "0")))
 def env(tmp_path_factory) -> dict:
     home = tmp_path_factory.mktemp("lorakit-home")  # no vLLM venv in it
     return {
-        **{k: v for k, v in os.environ.items() if k != "LORAKIT_VLLM_PYTHON"},
+        **{k: v for k, v in os.environ.items() if k not in ("LORAKIT_VLLM_PYTHON", "LORAKIT_VLLM_VENV")},
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
         "TOKENIZERS_PARALLELISM": "false",
@@ -245,6 +245,15 @@ def _export(tmp_path, env, *args):
     return r
 
 
+def _refused(*specs, base=None, max_lora_rank=None) -> str:
+    """The plan's refusal line (in-process: the same check_adapters the command runs first)."""
+    from lorakit.infer.vllm_deploy import VllmError, plan
+
+    with pytest.raises(VllmError) as e:
+        plan(list(specs), base, max_lora_rank=max_lora_rank)
+    return str(e.value)
+
+
 @pytest.mark.parametrize(
     "config, needles",
     [
@@ -256,21 +265,28 @@ def _export(tmp_path, env, *args):
         ({"trainable_token_indices": [1, 2]}, ("token embeddings",)),
     ],
 )
-def test_what_vllm_cannot_load_is_refused(adapters, tmp_path, env, config, needles):
+def test_what_vllm_cannot_load_is_refused(adapters, tmp_path, config, needles):
     folder = _variant(adapters["support"], tmp_path, **config)
-    assert_user_error(_export(tmp_path, env, "--adapter", f"x={folder}"), f"--adapter x={folder}", *needles)
+    line = _refused(f"x={folder}")
+    for needle in (f"--adapter x={folder}", *needles):
+        assert needle in line, line
 
 
-def test_int8_adapter_refused(adapters, tmp_path, env):
+def test_a_refusal_through_the_command_is_one_line_and_writes_nothing(adapters, tmp_path, env):
+    folder = _variant(adapters["support"], tmp_path, use_dora=True)
+    assert_user_error(_export(tmp_path, env, "--adapter", f"x={folder}"), f"--adapter x={folder}", "DoRA")
+
+
+def test_int8_adapter_refused(adapters, tmp_path):
     folder = _variant(adapters["support"], tmp_path)
     (folder / ADAPTER_WEIGHTS).rename(folder / INT8_WEIGHTS)
-    assert_user_error(_export(tmp_path, env, "--adapter", f"x={folder}"), "int8 adapter")
+    assert "int8 adapter" in _refused(f"x={folder}")
 
 
-def test_rank_above_the_flag_and_a_flag_vllm_lacks(adapters, tmp_path, env):
+def test_rank_above_the_flag_and_a_flag_vllm_lacks(adapters):
     persona = f"p={adapters['persona']}"
-    assert_user_error(_export(tmp_path, env, "--adapter", persona, "--max-lora-rank", "8"), "rank 16", "8")
-    assert_user_error(_export(tmp_path, env, "--adapter", persona, "--max-lora-rank", "12"), "--max-lora-rank 12")
+    assert "rank 16 is above --max-lora-rank 8" in _refused(persona, max_lora_rank=8)
+    assert "--max-lora-rank 12" in _refused(persona, max_lora_rank=12)
 
 
 def test_adapters_of_another_base_refused(adapters, tmp_path, env):
@@ -284,28 +300,41 @@ def test_adapters_of_another_base_refused(adapters, tmp_path, env):
     assert "--adapter b=" in line
 
 
-def test_adapters_of_different_templates_refused(adapters, tmp_path, env):
+def test_an_alias_and_its_cache_folder_are_one_base(adapters, tmp_path, monkeypatch):
+    from lorakit.infer.vllm_deploy import check_adapters
+
+    monkeypatch.setenv("LORAKIT_HOME", str(tmp_path))
+    alias_folder = tmp_path / "models" / "smollm2-135m"
+    alias_folder.mkdir(parents=True)
+    folder = _variant(adapters["persona"], tmp_path)
+    (folder / MANIFEST).write_text(json.dumps({"base_model_path": str(alias_folder)}))
+    base, found = check_adapters([f"b={folder}"], "smollm2-135m")
+    assert base == "smollm2-135m" and [a.name for a in found] == ["b"]
+
+
+def test_adapters_of_different_templates_refused(adapters, tmp_path):
     from lorakit.data.templates import load_template
 
     folder = _variant(adapters["persona"], tmp_path)
     load_template("alpaca_short").save(folder)
-    assert_user_error(
-        _export(tmp_path, env, "--adapter", f"a={adapters['support']}", "--adapter", f"b={folder}"),
-        "alpaca_short",
-        "one chat template",
-    )
+    line = _refused(f"a={adapters['support']}", f"b={folder}")
+    assert "alpaca_short" in line and "one chat template" in line, line
 
 
 @pytest.mark.parametrize(
-    "args, needles",
+    "specs, needle",
     [
-        (["--adapter", "a=X", "--adapter", "a=Y"], ("given twice",)),
-        (["--adapter", "bad name=X"], ("the name must be",)),
-        (["--adapter", "a=/no/such/folder"], ("/no/such/folder",)),
+        (["a=X", "a=Y"], "given twice"),
+        (["bad name=X"], "the name must be"),
+        (["a=/no/such/folder"], "/no/such/folder"),
     ],
 )
-def test_bad_adapter_arguments(tmp_path, env, args, needles):
-    assert_user_error(_export(tmp_path, env, *args), *needles)
+def test_bad_adapter_arguments(specs, needle):
+    from lorakit.errors import LorakitError
+    from lorakit.infer.vllm_deploy import check_adapters
+
+    with pytest.raises(LorakitError, match=needle):
+        check_adapters(specs)
 
 
 def test_vllm_options_belong_to_vllm(adapters, tmp_path, env):

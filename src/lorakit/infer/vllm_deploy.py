@@ -781,6 +781,9 @@ def verify_deploy(
     raises VerificationFailed with them all."""
     import secrets
 
+    import httpx
+    import openai
+
     from .export import CHECK_CONVERSATIONS
     from .verify import VerificationFailed, VerifySet, free_memory, gate, lorakit_reference
 
@@ -810,16 +813,23 @@ def verify_deploy(
         for a in p.adapters:
             ref = references[a.name]
             conversations = [chat_conversation(c) for c in CHECK_CONVERSATIONS] + ref.vset.prompts
-            identical, problems = check_tokenized(server.url, a.name, p, conversations, headers)
-            figures: dict[str, Any] = {"template_checked": len(conversations), "template_identical": identical}
-            if problems:
-                figures.update({"passed": False, "error": f"vLLM's chat template ids differ: {problems[0]}"})
-                results[a.name] = figures
-                failures.append(f"{a.name}: {figures['error']}")
-                continue
-            answers, tps = chat_answers(server.url, a.name, p, ref.vset.prompts, ref.new_tokens, api_key)
-            figures.update(compare_answers(ref, answers, tps))
-            figures.update(top1_from_prompt_logprobs(server.url, a.name, ref, headers))
+            try:
+                identical, problems = check_tokenized(server.url, a.name, p, conversations, headers)
+                figures: dict[str, Any] = {"template_checked": len(conversations), "template_identical": identical}
+                if problems:
+                    figures.update({"passed": False, "error": f"vLLM's chat template ids differ: {problems[0]}"})
+                    results[a.name] = figures
+                    failures.append(f"{a.name}: {figures['error']}")
+                    continue
+                answers, tps = chat_answers(server.url, a.name, p, ref.vset.prompts, ref.new_tokens, api_key)
+                figures.update(compare_answers(ref, answers, tps))
+                figures.update(top1_from_prompt_logprobs(server.url, a.name, ref, headers))
+            except (openai.APIError, httpx.HTTPError) as e:  # vLLM failed, not the comparison
+                message = str(e).splitlines()[0][:300]
+                raise VllmError(
+                    f"vLLM failed while verifying adapter {a.name} ({type(e).__name__}: {message}); its log ends: "
+                    f"{server.log_tail()}; nothing was written (--no-verify writes the folder without the check)"
+                ) from None
             figures["reference"] = ref.label
             figures["vllm_dtype"] = VERIFY_DTYPE
             figures["vllm_start_s"] = round(started_s, 1)
