@@ -99,6 +99,7 @@ def test_f16_export_verifies_and_carries_the_training_template(adapter, gguf_mod
     assert _leftovers(out) == []
 
 
+@pytest.mark.heavy  # about 40 s: a .ci/run step of its own, so the README's command keeps its margin
 def test_q4_k_m_is_smaller_and_only_reported(adapter, tmp_path, capfd):
     # hidden size 64 is below a k-quant's 256-wide blocks (llama.cpp falls back to other types) and random
     # weights answer noise: a k-quant's figures are reported, never a failure unless --min-top1 is set

@@ -42,7 +42,8 @@ def reference(adapter, smollm2_path):
     return lorakit_reference(adapter, str(smollm2_path), verification_set(adapter, None, 12), 24)
 
 
-@pytest.mark.parametrize("fmt", ["hf", "f16", "bf16", "q8_0", "q4_k_m", "q5_k_m", "q6_k", "gguf-lora"])
+# q5_k_m and q6_k are measured by bench/export_fidelity.py; q4_k_m stands for the k-quants here (CI time)
+@pytest.mark.parametrize("fmt", ["hf", "f16", "bf16", "q8_0", "q4_k_m", "gguf-lora"])
 def test_every_format_is_written_and_verified(fmt, adapter, reference, tmp_path):
     """hf, f16 and the GGUF LoRA are lossless and must pass; bf16 and q8_0 sit near their rule (on
     smollm2 a near-tie can flip one of the answers: bf16 then fails the 95% greedy rule, q8_0 the 97%

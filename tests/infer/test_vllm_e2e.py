@@ -127,113 +127,90 @@ def _lorakit_answers(adapter: Path, max_tokens: int) -> list[str]:
     return [gen.generate(q, params=params) for q in PROMPTS]
 
 
-def test_launch_sh_serves_every_adapter_with_lorakits_answers(deploy, adapters, env):
-    """`bash deploy/launch.sh` (fp32 passed through as an extra flag), an API key from the
-    environment, every adapter answered through the official openai client as lorakit answers."""
+def _wait_health(url: str, proc: subprocess.Popen, what: str) -> None:
+    import httpx
+
+    deadline = time.time() + 900
+    while time.time() < deadline:
+        assert proc.poll() is None, f"{what} exited: " + proc.stderr.read().decode()[-3000:]
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(2)
+    pytest.fail(f"{what}: vLLM did not answer /health in 15 minutes")
+
+
+def _ask(client, model: str, q: str, stop=None) -> str:
+    r = client.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": q}],
+        max_tokens=24,
+        temperature=0,
+        **({"stop": stop} if stop else {}),
+    )
+    return r.choices[0].message.content.strip()
+
+
+def test_launch_sh_and_serve_engine_vllm_answer_as_lorakit(deploy, adapters, env, tmp_path):
+    """Two vLLM servers, started together (their start-ups overlap, to spare CI a minute and a half):
+    - `bash deploy/launch.sh` (fp32 passed through as an extra flag), an API key from the environment:
+      every adapter answered through the official openai client as lorakit answers, the base too, and
+      each adapter applied;
+    - `lorakit serve --engine vllm --adapter alpha=DIR`: the same answer, then Ctrl-C (SIGINT) is
+      passed on and the command exits with vLLM."""
     import httpx
     import openai
 
     from lorakit.infer.vllm_deploy import free_port
 
     out, _ = deploy
-    port = free_port()
     record = json.loads((out / EXPORT_RECORD).read_text())
-    proc = subprocess.Popen(
+    port, serve_port = free_port(), free_port()
+    launch = subprocess.Popen(
         ["bash", out / DEPLOY_LAUNCH, "--dtype", "float32"],
         env={**env, "PORT": str(port), "LORAKIT_API_KEY": "sesame"},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         start_new_session=True,
     )
-    try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 900
-        while time.time() < deadline:
-            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(2)
-        else:
-            pytest.fail("launch.sh: vLLM did not answer /health in 15 minutes")
-        assert httpx.get(url + "/v1/models", timeout=10).status_code == 401  # the key is required
-        client = openai.OpenAI(base_url=url + "/v1", api_key="sesame", max_retries=0, timeout=600)
-        served = {m.id for m in client.models.list()}
-        assert served == {record["served_model_name"], *adapters}, served
-        answers_by = {}
-        for name, folder in adapters.items():
-            want = _lorakit_answers(folder, 24)
-            got = []
-            for q in PROMPTS:
-                r = client.chat.completions.create(
-                    model=name,
-                    messages=[{"role": "user", "content": q}],
-                    max_tokens=24,
-                    temperature=0,
-                    stop=record["client_stop"],
-                )
-                got.append(r.choices[0].message.content.strip())
-            same = sum(a == b for a, b in zip(want, got))
-            assert same >= 2, list(zip(want, got))  # fp32; a near-tie may flip one of three
-            answers_by[name] = got
-        base = [
-            client.chat.completions.create(
-                model=record["served_model_name"],
-                messages=[{"role": "user", "content": q}],
-                max_tokens=24,
-                temperature=0,
-                stop=record["client_stop"],
-            )
-            .choices[0]
-            .message.content.strip()
-            for q in PROMPTS
-        ]
-        for name in adapters:  # each adapter is applied: its answers are not all the base's
-            assert base != answers_by[name], (name, base)
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-
-
-def test_serve_engine_vllm_runs_in_the_foreground_and_stops_on_sigint(adapters, env, tmp_path):
-    """`lorakit serve --engine vllm`: the adapter's answer through vLLM, then Ctrl-C (SIGINT) is
-    passed on and the command exits with vLLM."""
-    import httpx
-    import openai
-
-    from lorakit.infer.vllm_deploy import free_port
-
-    port = free_port()
-    proc = subprocess.Popen(
+    base = json.loads((adapters["alpha"] / MANIFEST).read_text())["base_model"]
+    serve = subprocess.Popen(
         [sys.executable, "-m", "lorakit.cli", "serve", "--engine", "vllm", "--adapter", f"alpha={adapters['alpha']}"]
-        + ["--base", json.loads((adapters["alpha"] / MANIFEST).read_text())["base_model"], "--port", str(port)]
-        + ["--dtype", "float32"],
+        + ["--base", base, "--port", str(serve_port), "--dtype", "float32"],
         env=env,
         cwd=tmp_path,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
     try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 900
-        while time.time() < deadline:
-            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(2)
-        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=600)
-        r = client.chat.completions.create(
-            model="alpha", messages=[{"role": "user", "content": PROMPTS[0]}], max_tokens=24, temperature=0
-        )
-        assert r.choices[0].message.content.strip() == _lorakit_answers(adapters["alpha"], 24)[0]
+        url, serve_url = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{serve_port}"
+        _wait_health(url, launch, "launch.sh")
+        _wait_health(serve_url, serve, "lorakit serve --engine vllm")
+        assert httpx.get(url + "/v1/models", timeout=10).status_code == 401  # the key is required
+        client = openai.OpenAI(base_url=url + "/v1", api_key="sesame", max_retries=0, timeout=600)
+        served = {m.id for m in client.models.list()}
+        assert served == {record["served_model_name"], *adapters}, served
+        answers_by, want_by = {}, {}
+        for name, folder in adapters.items():
+            want_by[name] = _lorakit_answers(folder, 24)
+            answers_by[name] = [_ask(client, name, q, record["client_stop"]) for q in PROMPTS]
+            same = sum(a == b for a, b in zip(want_by[name], answers_by[name]))
+            assert same >= 2, list(zip(want_by[name], answers_by[name]))  # fp32; a near-tie may flip one of three
+        base_answers = [_ask(client, record["served_model_name"], q, record["client_stop"]) for q in PROMPTS]
+        for name in adapters:  # each adapter is applied: its answers are not all the base's
+            assert base_answers != answers_by[name], (name, base_answers)
+
+        serve_client = openai.OpenAI(base_url=serve_url + "/v1", api_key="unused", max_retries=0, timeout=600)
+        assert _ask(serve_client, "alpha", PROMPTS[0], record["client_stop"]) == want_by["alpha"][0]
     finally:
-        proc.send_signal(signal.SIGINT)
-        code = proc.wait(timeout=120)
+        serve.send_signal(signal.SIGINT)
+        code = serve.wait(timeout=120)
+        os.killpg(launch.pid, signal.SIGTERM)
+        try:
+            launch.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(launch.pid, signal.SIGKILL)
+            launch.wait()
     assert code in (0, 130, -signal.SIGINT), code

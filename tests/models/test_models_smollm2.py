@@ -58,6 +58,7 @@ def test_list_cached_lists_it(smollm2_path, use_shared_home):
     assert entry.size_bytes > 100 * 2**20
 
 
+@pytest.mark.heavy  # about 30 s: a .ci/run step of its own, so the README's command keeps its margin
 def test_kept_gguf_converts_via_gguf_path(smollm2_path, shared_home, home):
     kept = shared_home / "downloads" / "SmolLM2-135M-Instruct.Q4_1.gguf"
     assert kept.is_file()
