@@ -327,8 +327,14 @@ def export(
         "--template": template,
     }
     if to == "vllm":
+        import importlib.util
+
         from .infer.vllm_deploy import check_adapters
 
+        if verify and not all(importlib.util.find_spec(m) for m in ("openai", "httpx")):
+            raise LorakitError(
+                "--to vllm verifies through the openai client: pip install 'lorakit[vllm]' (or pass --no-verify)"
+            )
         check_adapters(adapter, base, max_lora_rank)  # every adapter, before any work
     else:
         given = [k for k, v in vllm_only.items() if v]

@@ -24,7 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..errors import LorakitError
 from .engine import Engine, EngineError, Request
 from .metrics import Metrics
-from .protocol import AdapterLoadRequest, ChatCompletionRequest, CompletionRequest
+from .protocol import ERROR_RESPONSES, AdapterLoadRequest, ChatCompletionRequest, CompletionRequest
 
 log = logging.getLogger("lorakit.serve")
 
@@ -134,7 +134,7 @@ def create_app(
     metrics: Metrics | None = None,
 ) -> FastAPI:
     metrics = metrics or engine.metrics or Metrics()
-    app = FastAPI(title="lorakit", version="0.1.0", docs_url=None, redoc_url=None)
+    app = FastAPI(title="lorakit", version="0.1.0", docs_url=None, redoc_url=None, responses=ERROR_RESPONSES)
     app.state.engine = engine
     root = Path(adapters_dir) if adapters_dir else None
 
@@ -162,7 +162,7 @@ def create_app(
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request, exc: StarletteHTTPException):
-        return error_response(exc.status_code, str(exc.detail))
+        return error_response(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))  # 405: Allow
 
     @app.exception_handler(Exception)
     async def _unexpected(request, exc: Exception):
@@ -215,7 +215,9 @@ def create_app(
             "in_progress": engine.in_progress,
         }
 
-    @app.get("/metrics")
+    @app.get(
+        "/metrics", responses={200: {"content": {CONTENT_TYPE_LATEST.split(";")[0]: {"schema": {"type": "string"}}}}}
+    )
     async def prometheus():
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
@@ -264,7 +266,15 @@ def create_app(
         await asyncio.to_thread(engine.unload_adapter, name)
         return {"id": name, "object": "model", "deleted": True}
 
-    @app.post("/v1/chat/completions")
+    @app.post(
+        "/v1/chat/completions",
+        responses={
+            200: {
+                "content": {"text/event-stream": {"schema": {"type": "string"}}},
+                "description": "JSON, or server-sent events with stream: true",
+            }
+        },
+    )
     async def chat_completions(body: ChatCompletionRequest, http: HTTPRequest):
         check_model(body.model)
         messages = [("system" if m.role == "developer" else m.role, m.text()) for m in body.messages]
@@ -272,7 +282,15 @@ def create_app(
         max_tokens = body.max_completion_tokens or body.max_tokens
         return await run(body, ids, max_tokens, http, chat=True)
 
-    @app.post("/v1/completions")
+    @app.post(
+        "/v1/completions",
+        responses={
+            200: {
+                "content": {"text/event-stream": {"schema": {"type": "string"}}},
+                "description": "JSON, or server-sent events with stream: true",
+            }
+        },
+    )
     async def completions(body: CompletionRequest, http: HTTPRequest):
         check_model(body.model)
         return await run(

@@ -72,3 +72,42 @@ class AdapterLoadRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: StrictStr = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
     path: StrictStr = Field(..., min_length=1, max_length=4096)
+
+
+# ---- responses the OpenAPI schema documents -------------------------------------------------------
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """Every error, in OpenAI's shape."""
+
+    error: ErrorDetail
+
+
+def _error(description: str, **headers: str) -> dict:
+    entry: dict = {"model": ErrorResponse, "description": description}
+    if headers:
+        entry["headers"] = {
+            name: {"description": text, "schema": {"type": "string"}} for name, text in headers.items()
+        }
+    return entry
+
+
+ERROR_RESPONSES: dict[int | str, dict] = {
+    400: _error("The body is not JSON, a field has the wrong type or is missing, or the request cannot be served"),
+    401: _error("An API key is required: send 'Authorization: Bearer KEY'"),
+    403: _error("Run-time adapter loading is off (the server was started without --adapters-dir)"),
+    404: _error("Unknown model, adapter or route"),
+    405: _error("The route does not take this method", Allow="The methods it takes"),
+    409: _error("The adapter name is in use"),
+    413: _error("The body is larger than --max-body-bytes"),
+    422: _error("A value is out of range"),
+    500: _error("Internal server error (the trace is in the server's log, never in the answer)"),
+    503: _error("Too many requests in progress (--max-queue)", **{"Retry-After": "Seconds to wait"}),
+}
