@@ -584,20 +584,39 @@ def adapter_quantize(
 
 @app.command()
 def ui(
-    host: str = typer.Option("127.0.0.1", help="Address to bind (127.0.0.1 = this machine only)."),
+    host: str = typer.Option(
+        "127.0.0.1", help="Address to bind (127.0.0.1 = this machine only; any other needs --auth-file or --auth)."
+    ),
     port: int = typer.Option(7860, help="Port of the page."),
     workdir: Path = typer.Option(Path("lorakit-ui"), help="Folder for datasets, adapters, merged models and reports."),
+    auth_file: Path | None = typer.Option(
+        None, "--auth-file", help="Require a login: a file of user:password lines, one per user (chmod 600)."
+    ),
+    auth: str | None = typer.Option(
+        None,
+        "--auth",
+        help="Require a login: USER:PASS (visible to other users in `ps`: on a shared machine use --auth-file or "
+        "LORAKIT_UI_AUTH=USER:PASS).",
+    ),
+    max_upload_mb: int = typer.Option(512, "--max-upload-mb", help="Largest dataset upload, in MB."),
 ):
     """A web page (Gradio) to train, chat, compare, evaluate and export: http://HOST:PORT"""
     import importlib.util
 
+    from .ui.security import MB, auth_file_warning, check_max_upload_mb, resolve_users
+
+    # who may open the page, before Gradio or any model is imported (one error line, exit 2)
+    users = resolve_users(host, auth, auth_file)
+    check_max_upload_mb(max_upload_mb)
     if importlib.util.find_spec("gradio") is None:
         raise LorakitError("lorakit ui needs Gradio: pip install 'lorakit[ui]'")
     _check_port(host, port)
+    if auth_file is not None and (warning := auth_file_warning(auth_file)):
+        typer.echo(warning, err=True)
     _quiet_libraries()
     from .ui.app import launch
 
-    launch(workdir, host=host, port=port)
+    launch(workdir, host=host, port=port, users=users, max_upload_bytes=max_upload_mb * MB)
 
 
 def _check_port(host: str, port: int) -> None:

@@ -1,8 +1,11 @@
 """The page in a real browser: Playwright (Python) drives Debian's chromium, headless, against a
-live `lorakit ui` whose base model is the tiny random Llama. Upload data (a bad file first),
-train a few steps, watch the progress reach Done, chat with the new adapter, see base and
-adapter answer side by side, evaluate, export (--to hf, verified). A screenshot of each tab goes
-to test-artifacts/ui/ (or $LORAKIT_TEST_ARTIFACTS).
+live `lorakit ui` whose base model is the tiny random Llama, started with a login (--auth-file) and
+a 1 MB upload limit. Log in; upload data (too big, a wrong kind and a bad file first: each refused
+with a message, nothing kept); two pages press Start together (one run starts, the other page is
+told one is in progress); train a few steps, watch the progress reach Done, chat with the new
+adapter, see base and adapter answer side by side, evaluate, export (--to hf, verified). A
+screenshot of each tab goes to test-artifacts/ui/ (or $LORAKIT_TEST_ARTIFACTS). Without a
+browser, the login is still checked over HTTP (test_the_page_demands_a_login).
 
 The browser is Debian's package, never Playwright's download: the set-up below installs it
 with apt-get when it is missing and this user may (root, or sudo without a password). Without
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -102,6 +106,10 @@ def server(tmp_path_factory, tiny_model_dir):
     workdir = root / "workdir"
     shutil.copytree(tiny_model_dir, workdir / "models" / "tiny-llama")
     port = _free_port()
+    password = f"pw-{secrets.token_hex(8)}"
+    users = root / "users.txt"
+    users.write_text(f"# the page's users\ntester:{password}\n")
+    users.chmod(0o600)
     log = (root / "ui.log").open("wb")
     env = {
         **os.environ,
@@ -112,7 +120,20 @@ def server(tmp_path_factory, tiny_model_dir):
         "GRADIO_ANALYTICS_ENABLED": "False",
     }
     proc = subprocess.Popen(
-        [sys.executable, "-m", "lorakit.cli", "ui", "--workdir", str(workdir), "--port", str(port)],
+        [
+            sys.executable,
+            "-m",
+            "lorakit.cli",
+            "ui",
+            "--workdir",
+            str(workdir),
+            "--port",
+            str(port),
+            "--auth-file",
+            str(users),
+            "--max-upload-mb",
+            "1",
+        ],
         stdout=log,
         stderr=subprocess.STDOUT,
         env=env,
@@ -131,7 +152,15 @@ def server(tmp_path_factory, tiny_model_dir):
             proc.kill()
             pytest.fail(f"lorakit ui did not start:\n{(root / 'ui.log').read_text()[-3000:]}")
         time.sleep(0.5)
-    yield {"url": url, "workdir": workdir, "root": root, "log": root / "ui.log"}
+    yield {
+        "url": url,
+        "workdir": workdir,
+        "root": root,
+        "log": root / "ui.log",
+        "user": "tester",
+        "password": password,
+        "pid": proc.pid,
+    }
     proc.send_signal(signal.SIGTERM)  # the page closes like on Ctrl-C
     try:
         proc.wait(20)
@@ -144,6 +173,63 @@ def server(tmp_path_factory, tiny_model_dir):
 def _choose(page, elem_id: str, option: str) -> None:
     page.locator(f"#{elem_id} input").click()
     page.get_by_role("option", name=option).first.click()
+
+
+def test_the_page_demands_a_login(server):
+    """Gradio's own login (auth=): without it the page's config, API, files, uploads and events
+    answer 401, and the login page tells nothing of the workdir; a wrong password is refused, the
+    right one opens the page; an upload over --max-upload-mb is refused by the server itself (not
+    only by the browser). The password is in neither the command line (ps) nor the log."""
+    import httpx
+
+    workdir = str(server["workdir"])
+    with httpx.Client(base_url=server["url"], timeout=30) as anyone:
+        login_page = anyone.get("/")
+        assert login_page.status_code == 200 and '"auth_required":true' in login_page.text
+        assert workdir not in login_page.text  # no choices (file paths) before the login
+        for method, path in [
+            ("GET", "/config"),
+            ("GET", "/gradio_api/info"),
+            ("GET", f"/gradio_api/file={workdir}/models/tiny-llama/config.json"),
+            ("POST", "/gradio_api/upload"),
+            ("POST", "/gradio_api/queue/join"),
+        ]:
+            assert anyone.request(method, path).status_code == 401, path
+        wrong = anyone.post("/login", data={"username": server["user"], "password": "not-" + server["password"]})
+        assert wrong.status_code == 400 and anyone.get("/config").status_code == 401
+    with httpx.Client(base_url=server["url"], timeout=30) as tester:
+        assert tester.post("/login", data={"username": server["user"], "password": server["password"]}).is_success
+        config = tester.get("/config")
+        assert config.status_code == 200 and workdir in config.text
+        big = tester.post("/gradio_api/upload", files={"files": ("big.jsonl", b"{}\n" * (2**20 // 3 + 1))})
+        assert big.status_code == 413, big.text
+    assert not list((server["workdir"] / "data").glob("big*"))
+    cmdline = Path(f"/proc/{server['pid']}/cmdline")
+    if cmdline.is_file():
+        assert server["password"].encode() not in cmdline.read_bytes()
+    assert server["password"] not in server["log"].read_text(errors="replace")
+
+
+def _login(page, server) -> None:
+    page.goto(server["url"])
+    page.get_by_label("username").fill(server["user"])
+    page.get_by_label("password").fill(server["password"])
+    page.get_by_role("button", name="Login").click()
+    page.wait_for_selector("#train-start")
+
+
+def _fill_settings(page) -> None:
+    """The short run: name browser-lora, 200 steps of batch 2, a checkpoint every 40 steps ("More
+    settings" opened before, settled since)."""
+    from playwright.sync_api import expect
+
+    page.locator("#train-name input, #train-name textarea").first.fill("browser-lora")
+    page.locator("#train-max-steps input").fill("200")  # a few seconds: long enough to be watched
+    page.locator("#train-batch input").fill("2")
+    page.locator("#train-micro-batch input").fill("2")
+    page.locator("#train-save-steps input").fill("40")
+    expect(page.locator("#train-save-steps input")).to_have_value("40")
+    expect(page.locator("#train-eval-steps input")).to_have_value("50")  # eval_steps, beside save_steps
 
 
 def test_train_chat_compare_in_a_browser(browser, server, tmp_path):
@@ -162,14 +248,26 @@ def test_train_chat_compare_in_a_browser(browser, server, tmp_path):
     )
     bad = tmp_path / "broken.json"
     bad.write_text('[{"instruction": "no answer field"}]')
+    big = tmp_path / "big.jsonl"  # over the server's --max-upload-mb 1
+    big.write_text(json.dumps({"instruction": "x" * 100, "output": "y"}) * (2**20 // 100 + 1))
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not data")
 
-    page = browser.new_page(viewport={"width": 1280, "height": 1000})
-    page.set_default_timeout(TIMEOUT_MS)
+    context = browser.new_context(viewport={"width": 1280, "height": 1000})
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)  # (expect() waits as long; a context's default it does not take)
     try:
-        page.goto(server["url"])
-        page.wait_for_selector("#train-start")
+        _login(page, server)  # --auth-file: the page opens after Gradio's login
 
-        # ---- Train: base model, a refused upload, a good one, the preview
+        # ---- Train: uploads refused (too big, wrong kind, bad records) and a good one, the preview
+        upload = page.locator("#train-upload input[type=file]")
+        upload.set_input_files(str(big))
+        expect(page.get_by_text('exceed the maximum allowed size of 1.0 Mb: "big.jsonl"')).to_be_visible()
+        upload.set_input_files(str(notes))
+        expect(page.get_by_text("Invalid file type: notes.txt")).to_be_visible()
+        for close in page.locator("[data-testid=toast-close]").all():
+            close.click()
+        assert list((server["workdir"] / "data").iterdir()) == []  # neither reached the workdir
         page.get_by_text("More settings").click()  # (a field filled while it opens may be reset)
         _choose(page, "train-base", "models/tiny-llama")
         page.locator("#train-upload input[type=file]").set_input_files(str(bad))
@@ -181,15 +279,28 @@ def test_train_chat_compare_in_a_browser(browser, server, tmp_path):
         expect(page.locator("#train-preview")).to_contain_text("0 plus 0 is 0.")
         expect(page.locator("#train-preview")).to_contain_text("trained (in the loss)")
 
-        # ---- a short run
-        page.locator("#train-name input, #train-name textarea").first.fill("browser-lora")
-        page.locator("#train-max-steps input").fill("200")  # a few seconds: long enough to be watched
-        page.locator("#train-batch input").fill("2")
-        page.locator("#train-micro-batch input").fill("2")
-        page.locator("#train-save-steps input").fill("40")  # opened above, settled since
-        expect(page.locator("#train-save-steps input")).to_have_value("40")
-        expect(page.locator("#train-eval-steps input")).to_have_value("50")  # eval_steps, beside save_steps
-        page.locator("#train-start").click()
+        # ---- a short run, Start pressed on two pages (two sessions) together: one run, one refusal
+        _fill_settings(page)
+        other = context.new_page()  # logged in already (the context's cookie), a session of its own
+        other.set_default_timeout(TIMEOUT_MS)
+        other.goto(server["url"])
+        other.wait_for_selector("#train-start")
+        other.get_by_text("More settings").click()
+        _choose(other, "train-base", "models/tiny-llama")
+        _choose(other, "train-dataset", "sums.json")
+        _fill_settings(other)  # the same run: whichever page wins, it is browser-lora
+        for p in (page, other):  # together: both buttons are still enabled (a page disables its own
+            p.evaluate("document.querySelector('#train-start').click()")  # once it sees a run going)
+        refusal = "Not started. error: a run is in progress (browser-lora)"
+        messages = [p.locator("#train-start-msg") for p in (page, other)]
+        deadline = time.time() + 60
+        while time.time() < deadline and not any(refusal in m.inner_text() for m in messages):
+            page.wait_for_timeout(100)
+        page.wait_for_timeout(500)  # the other page's answer is in as well
+        texts = [m.inner_text().strip() for m in messages]
+        assert sorted(refusal in t for t in texts) == [False, True], texts  # one refused...
+        assert sum("error" in t for t in texts) == 1, texts  # ...and the other started, no error
+        other.close()
         expect(page.locator("#train-command")).to_contain_text("lorakit train ")
         expect(page.locator("#train-command")).to_contain_text("browser-lora/train.yaml")
         seen, deadline = [], time.time() + 180
@@ -226,7 +337,8 @@ def test_train_chat_compare_in_a_browser(browser, server, tmp_path):
         page.locator("#chat-system textarea").fill("You are a calculator.")
         page.locator("#chat-input textarea").fill("What is 3 plus 3?")
         page.locator("#chat-send").click()
-        expect(page.locator("#chat-status")).to_contain_text("answered by browser-lora")
+        # the first answer loads the model into the server: more than expect()'s 5 s on a loaded machine
+        expect(page.locator("#chat-status")).to_contain_text("answered by browser-lora", timeout=TIMEOUT_MS)
         expect(page.locator('#chat-bot [data-testid="user"]')).to_contain_text("What is 3 plus 3?")
         assert page.locator('#chat-bot [data-testid="bot"]').inner_text().strip()
         page.screenshot(path=str(shots / "chat.png"), full_page=True)
@@ -276,4 +388,4 @@ def test_train_chat_compare_in_a_browser(browser, server, tmp_path):
         page.screenshot(path=str(shots / "failure.png"), full_page=True)
         raise
     finally:
-        page.close()
+        context.close()

@@ -4,6 +4,7 @@ follows (progress, Done, failure) and can stop, keeping the last complete checkp
 import json
 import signal
 import sys
+import threading
 import time
 
 import pytest
@@ -106,6 +107,101 @@ def _record(step, **more) -> str:
         json.dumps({"step": step, "total_steps": 30, "elapsed_s": float(step), "remaining_s": 30.0 - step, **more})
         + "\n"
     )
+
+
+class _Sleeper(TrainingRun):
+    """A run whose process sleeps instead of training."""
+
+    @property
+    def argv(self):
+        return [sys.executable, "-c", "import time; time.sleep(60)"]
+
+
+@pytest.fixture
+def no_run_left():
+    """Stop whatever run the test left going (RunManager's one-run rule is process-wide)."""
+    yield
+    run = RunManager._active
+    if run is not None and run.running:
+        run.stop(grace_s=1)
+        run.wait(10)
+
+
+def test_two_starts_at_the_same_moment_start_one_run(tmp_path, no_run_left):
+    """Two sessions (here: two threads, two managers) press Start together: the check "nothing is
+    running" and the start are one step under the process's lock, so exactly one run starts and
+    the other is refused, however the threads interleave."""
+    gate = threading.Barrier(2)
+    started, refused = [], []
+
+    def press_start(name):
+        def prepare():  # validation and writing the config take a while: both would pass an unlocked check
+            time.sleep(0.3)
+            out = tmp_path / name
+            out.mkdir()
+            return _Sleeper(name, out, out / "train.yaml", [])
+
+        gate.wait()
+        try:
+            started.append(RunManager().launch(prepare))
+        except LorakitError as e:
+            refused.append((name, str(e)))
+
+    threads = [threading.Thread(target=press_start, args=(n,)) for n in ("first", "second")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert len(started) == 1 and len(refused) == 1, (started, refused)
+    winner, (loser, message) = started[0], refused[0]
+    assert winner.running and message == f"a run is in progress ({winner.name}); stop it or wait until it ends"
+    assert not (tmp_path / loser).exists()  # the refused one wrote nothing
+    assert RunManager._active is winner
+
+
+def test_a_refused_start_writes_nothing_and_a_name_in_use_is_refused(workdir, tiny_base, alpaca_file, no_run_left):
+    values = {**form_defaults(), "base_model": tiny_base, "max_steps": 5}
+    runs = RunManager()
+    out = workdir.adapters_dir / "going"
+    out.mkdir()
+    runs.start(_Sleeper("going", out, out / "train.yaml", []))
+    with pytest.raises(LorakitError, match=r"a run is in progress \(going\)"):
+        runs.launch(lambda: prepare_run(workdir, values, alpaca_file, name="second"))
+    with pytest.raises(LorakitError, match=r"a run is in progress \(going\)"):  # its own name: same answer
+        RunManager().launch(lambda: prepare_run(workdir, values, alpaca_file, name="going"))
+    assert not (workdir.adapters_dir / "second").exists() and not (out / "train.yaml").exists()
+    runs.stop()
+    runs.run.wait(10)
+
+    # nothing running now: a name already used on disk is still refused, and its folder left alone
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(LorakitError, match="adapter name: going is already in use"):
+        runs.launch(lambda: prepare_run(workdir, values, alpaca_file, name="going"))
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "train.log"]
+
+
+def test_two_prepares_of_one_name_claim_it_once(workdir, tiny_base, alpaca_file):
+    """The run folder is claimed with an atomic mkdir, so even two processes on one workdir never
+    both prepare a run in one folder."""
+    values = {**form_defaults(), "base_model": tiny_base, "max_steps": 5}
+    gate = threading.Barrier(4)
+    outcomes = []
+
+    def prepare():
+        gate.wait()
+        try:
+            outcomes.append(prepare_run(workdir, values, alpaca_file, name="same"))
+        except LorakitError as e:
+            outcomes.append(str(e))
+
+    threads = [threading.Thread(target=prepare) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    runs = [o for o in outcomes if isinstance(o, TrainingRun)]
+    assert len(runs) == 1 and len(outcomes) == 4, outcomes
+    assert all("adapter name: same is already in use" in o for o in outcomes if isinstance(o, str))
 
 
 def test_progress_comes_from_the_train_log(tmp_path):
@@ -236,9 +332,10 @@ def test_stop_keeps_the_last_checkpoint_and_resume_continues(workdir, tiny_base,
         "save_total_limit": 2,
     }
     runs = RunManager()
-    run = runs.start(prepare_run(workdir, values, alpaca_file, name="long"))
+    run = runs.launch(lambda: prepare_run(workdir, values, alpaca_file, name="long"))
     with pytest.raises(LorakitError, match="a run is in progress"):
-        runs.start(prepare_run(workdir, values, alpaca_file, name="second"))
+        runs.launch(lambda: prepare_run(workdir, values, alpaca_file, name="second"))
+    assert not (workdir.adapters_dir / "second").exists()
     try:
         _wait(
             lambda: complete_checkpoints(run.output_dir) and run.status().state == "training",

@@ -7,7 +7,7 @@ from random_adapter import make_random_adapter
 
 from lorakit.errors import DataError, LorakitError
 from lorakit.runfolder import CHECKPOINT_MARKER
-from lorakit.ui.workdir import DEMO_HELDOUT, DEMO_TRAIN, check_name
+from lorakit.ui.workdir import DEMO_HELDOUT, DEMO_TRAIN, Workdir, check_name, safe_stem
 
 
 def test_demo_data_is_offered_first_and_written_on_first_use(workdir):
@@ -111,8 +111,86 @@ def test_base_models_offer_the_alias_and_local_folders(workdir):
     assert str(workdir.models_dir / "tiny-llama") in values
 
 
-@pytest.mark.parametrize("name", ["", "../x", "a b", ".hidden", "x" * 81])
-def test_bad_names_are_refused(name):
-    with pytest.raises(LorakitError):
-        check_name(name)
+@pytest.mark.parametrize(
+    "name, why",
+    [
+        ("", "is empty"),
+        ("   ", "is empty"),
+        ("../x", "holds a path separator"),
+        ("a/b", "holds a path separator"),
+        ("a\\b", "holds a path separator"),
+        ("/etc/passwd", "is an absolute path"),
+        ("C:x", "is an absolute path"),
+        ("..", "holds '..'"),
+        ("a..b", "holds '..'"),
+        (".hidden", "starts with a dot"),
+        ("a\x00b", "holds a control character"),
+        ("line\nbreak", "holds a control character"),
+        ("x" * 81, "is longer than 80 characters"),
+        ("a b", "is not a usable folder name"),
+        ("-flag", "is not a usable folder name"),
+    ],
+)
+def test_bad_names_are_refused_saying_why(name, why):
+    with pytest.raises(LorakitError) as e:
+        check_name(name, "export name")
+    assert str(e.value).startswith("export name: ") and why in str(e.value), str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_good_names_pass():
     assert check_name(" run-1.b_2 ") == "run-1.b_2"
+    assert check_name("x" * 80) == "x" * 80
+    assert safe_stem("../../my data (1)") == "my_data_1" and safe_stem("...") == "data"
+    assert check_name(safe_stem("a..b/../c d" * 20))  # a default name made from any text is usable
+
+
+def test_path_for_keeps_names_in_their_folder_links_included(workdir, tmp_path):
+    assert workdir.path_for(workdir.merged_dir, "m1", "merged model name") == workdir.merged_dir / "m1"
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (workdir.merged_dir / "planted").symlink_to(outside)  # a link someone left in the workdir
+    with pytest.raises(LorakitError, match="merged model name: .*planted leads outside"):
+        workdir.path_for(workdir.merged_dir, "planted", "merged model name")
+    (workdir.root / "exports").symlink_to(outside)  # the folder itself leads out
+    with pytest.raises(LorakitError, match="is outside the workdir"):
+        workdir.path_for(workdir.root / "exports", "fine-name", "export name")
+    with pytest.raises(LorakitError, match="holds a path separator"):
+        workdir.path_for(workdir.merged_dir, "../../escape", "merged model name")
+    assert list(outside.iterdir()) == []
+
+
+def test_every_typed_name_goes_through_the_check(workdir, tiny_model_dir):
+    """Run, export and merged-model names: a bad one is refused before anything is written."""
+    from lorakit.ui.evaluation import merge_into_workdir
+    from lorakit.ui.tabs.export import export_argv
+    from lorakit.ui.training import form_defaults, prepare_run
+
+    make_random_adapter(tiny_model_dir, workdir.adapters_dir / "good")
+    assert workdir.exports_dir.is_dir() and workdir.merged_dir.is_dir()  # made on first use, empty
+    before = sorted(p.relative_to(workdir.root) for p in workdir.root.rglob("*"))
+    for bad in ("../evil", "/tmp/evil", ".evil", "e\x00vil"):
+        with pytest.raises(LorakitError, match="^adapter name: "):
+            prepare_run(workdir, form_defaults(), "d.json", name=bad)
+        with pytest.raises(LorakitError, match="^export name: "):
+            export_argv(workdir, "good", "hf", name=bad)
+        with pytest.raises(LorakitError, match="^merged model name: "):
+            merge_into_workdir(workdir, "good", bad)
+    assert sorted(p.relative_to(workdir.root) for p in workdir.root.rglob("*")) == before
+    args, out = export_argv(workdir, "good", "hf")  # the default name is a checked one too
+    assert out == workdir.exports_dir / "good-hf" and args[-1] == str(out)
+
+
+def test_an_upload_over_the_limit_is_refused_naming_file_and_limit(workdir, alpaca_file):
+    small = Workdir(workdir.root, max_upload_bytes=alpaca_file.stat().st_size - 1)
+    with pytest.raises(DataError) as e:
+        small.save_upload(alpaca_file)
+    assert str(e.value).startswith("sums.json: ") and "upload limit" in str(e.value)
+    assert "--max-upload-mb" in str(e.value)
+    assert small.datasets() == [] and list(small.data_dir.iterdir()) == []  # nothing written
+    assert Workdir(workdir.root, max_upload_bytes=alpaca_file.stat().st_size).save_upload(alpaca_file).is_file()
+
+
+def test_an_upload_name_cannot_leave_data(workdir, alpaca_file):
+    saved = workdir.save_upload(alpaca_file, original_name="../../../.evil name.json")
+    assert saved.parent == workdir.data_dir and saved.name == "evil_name.json"

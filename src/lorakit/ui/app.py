@@ -23,7 +23,7 @@ from .inference import ModelSession
 from .tabs import chat, compare, evaluate, export, models, train
 from .tabs.common import Shared
 from .training import RunManager
-from .workdir import Workdir
+from .workdir import DEFAULT_MAX_UPLOAD_BYTES, Workdir, upload_limit
 
 # The tabs, left to right. A tab reads only components of the tabs before it (Chat and Compare
 # use the Models tab's base model). To add one, write ui/tabs/NAME.py with build(shared) -> gr.Tab,
@@ -43,6 +43,10 @@ def build_app(workdir: Workdir, runs: RunManager | None = None, session: ModelSe
         with gr.Tabs(elem_id="tabs"):
             tabs = [module.build(shared) for module in TABS]
         shared.wire_lists(page, tabs)  # adapter and dataset lists: fresh on load, on each tab, after a run
+    # No API description of the handlers: Gradio puts it (with every dropdown's choices: file paths of
+    # the workdir) into the page it serves, the login page included. The page's own calls still work.
+    for fn in page.fns.values():
+        fn.api_visibility = "private"
     return page
 
 
@@ -50,9 +54,17 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
-def launch(workdir: str | Path = "lorakit-ui", host: str = "127.0.0.1", port: int = 7860) -> None:
+def launch(
+    workdir: str | Path = "lorakit-ui",
+    host: str = "127.0.0.1",
+    port: int = 7860,
+    users: list[tuple[str, str]] | None = None,
+    max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
+) -> None:
     """Serve the page until interrupted; a training run still going is stopped on the way out
-    (its complete checkpoints stay)."""
+    (its complete checkpoints stay). ``users``: (user, password) pairs for Gradio's login (the
+    command requires them for a --host other machines can reach, ui/security.py); None: no login.
+    Never a share link."""
     import atexit
     import socket
 
@@ -66,7 +78,7 @@ def launch(workdir: str | Path = "lorakit-ui", host: str = "127.0.0.1", port: in
                 f"--port: cannot listen on {host}:{port} ({e.strerror or e}); "
                 "is another page running there? choose another --port"
             ) from None
-    wd = Workdir(workdir)
+    wd = Workdir(workdir, max_upload_bytes=max_upload_bytes)
     runs = RunManager()
     atexit.register(runs.shutdown)
     if threading.current_thread() is threading.main_thread():
@@ -74,10 +86,15 @@ def launch(workdir: str | Path = "lorakit-ui", host: str = "127.0.0.1", port: in
         signal.signal(signal.SIGTERM, _interrupt)
     page = build_app(wd, runs, ModelSession())
     page.queue(default_concurrency_limit=4)
-    print(f"lorakit ui: workdir {wd.root}", flush=True)
+    login = f", login required ({len(users)} user{'s' if len(users) != 1 else ''})" if users else ""
+    print(f"lorakit ui: workdir {wd.root}{login}, uploads up to {upload_limit(wd)}", flush=True)
     page.launch(
         server_name=host,
         server_port=port,
+        share=False,  # never a public gradio.live link (GRADIO_SHARE is ignored too)
+        auth=list(users) if users else None,
+        auth_message="lorakit ui: sign in with a user of --auth-file / --auth" if users else None,
+        max_file_size=max_upload_bytes,  # Gradio refuses bigger uploads before they reach the workdir
         show_error=True,
         allowed_paths=[str(wd.root)],
         theme=gr.themes.Default(primary_hue="indigo"),

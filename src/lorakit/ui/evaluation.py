@@ -9,7 +9,7 @@ from datetime import datetime
 from pathlib import Path
 
 from ..errors import LorakitError
-from .workdir import Workdir, check_name
+from .workdir import Workdir, safe_stem
 
 SCORE_KEYS = (
     "contains",
@@ -60,7 +60,12 @@ def run_evaluation(
     if not adapters and not base:
         raise LorakitError("evaluate: choose a base model or at least one adapter")
     limit = int(limit) if limit else None
-    out = workdir.eval_dir / f"eval-{datetime.now():%Y%m%d-%H%M%S}"
+    stamp = f"eval-{datetime.now():%Y%m%d-%H%M%S}"
+    out = workdir.path_for(workdir.eval_dir, stamp, "report name")
+    n = 1
+    while out.exists():  # two evaluations in one second: never one report folder
+        out = workdir.path_for(workdir.eval_dir, f"{stamp}-{n}", "report name")
+        n += 1
     result = evaluate(
         base or None, adapters, data, out, metrics=metrics or None, limit=limit, max_new_tokens=int(max_new_tokens)
     )
@@ -107,10 +112,9 @@ def merge_into_workdir(
     from .inference import adapter_base
 
     folder = workdir.resolve_adapter(adapter_key)
-    name = (
-        check_name(name, "merged model name") if (name or "").strip() else (adapter_key.replace("/", "-") + "-merged")
-    )
-    out = workdir.merged_dir / name
+    if not (name or "").strip():
+        name = safe_stem(adapter_key.replace("/", "-"), "adapter") + "-merged"
+    out = workdir.path_for(workdir.merged_dir, name, "merged model name")
     base = base or adapter_base(folder)
     path = merge_adapter(folder, out, base=base, dtype=dtype)
     argv = ["lorakit", "merge", "--adapter", str(folder), "--out", str(out), "--dtype", dtype]

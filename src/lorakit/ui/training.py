@@ -16,13 +16,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import shlex
 import signal
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -33,7 +33,7 @@ from ..config import TrainConfig, _format_validation_error, dump_config
 from ..errors import ConfigError, LorakitError
 from ..files import atomic_write_text
 from ..runfolder import MANIFEST, complete_checkpoints, read_train_log
-from .workdir import UI_CONFIG, UI_LOG, Workdir, check_name
+from .workdir import UI_CONFIG, UI_LOG, Workdir, safe_stem
 
 # The TrainConfig keys the Train tab sets; everything else keeps TrainConfig's default.
 FORM_KEYS = (
@@ -119,9 +119,7 @@ def build_config(values: dict, data_path: str | Path, output_dir: str | Path) ->
 
 
 def default_run_name(data_path: str | Path) -> str:
-    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(data_path).stem).strip("._-") or "data"
-    if Path(data_path).parent.name == "demo":
-        stem = "demo"
+    stem = "demo" if Path(data_path).parent.name == "demo" else safe_stem(Path(data_path).stem, limit=50)
     return f"lora-{stem}-{datetime.now():%m%d-%H%M%S}"
 
 
@@ -395,10 +393,13 @@ class TrainingRun:
 def prepare_run(
     workdir: Workdir, values: dict, data_path: str | Path, name: str = "", resume: bool = False
 ) -> TrainingRun:
-    """Validate the form, refuse to overwrite an existing adapter, write the run's config
-    (WORKDIR/adapters/NAME/train.yaml) and return the run, not yet started."""
-    name = check_name(name) if (name or "").strip() else default_run_name(data_path)
-    output_dir = workdir.adapters_dir / name
+    """Validate the form, claim the run's folder WORKDIR/adapters/NAME (a name already used there
+    is refused: a new run never writes into an existing folder; only a resume continues its own),
+    write the run's config (train.yaml) and return the run, not yet started. Start runs through
+    RunManager.launch, which does all this under its lock."""
+    name = name if (name or "").strip() else default_run_name(data_path)
+    output_dir = workdir.path_for(workdir.adapters_dir, name, "adapter name")
+    name = output_dir.name
     overrides: list[str] = []
     if resume:
         if not complete_checkpoints(output_dir):
@@ -409,8 +410,17 @@ def prepare_run(
             f"adapter name: {name} already holds a trained adapter or checkpoints; choose "
             "another name, or pick it under 'Copy parameters from' and tick 'Resume'"
         )
-    cfg = build_config(values, data_path, output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    elif os.path.lexists(output_dir):
+        raise LorakitError(
+            f"adapter name: {name} is already in use ({output_dir} exists); choose another name "
+            "(or delete that folder)"
+        )
+    cfg = build_config(values, data_path, output_dir)  # before the folder: a bad value leaves nothing
+    if not resume:
+        try:
+            output_dir.mkdir()  # atomic: of two starts with one name (other processes too), one gets it
+        except FileExistsError:
+            raise LorakitError(f"adapter name: {name} is already in use ({output_dir} exists)") from None
     config_path = output_dir / UI_CONFIG
     atomic_write_text(config_path, dump_config(cfg))
     return TrainingRun(
@@ -424,17 +434,35 @@ def prepare_run(
 
 
 class RunManager:
-    """The page's one training run at a time (the process outlives page reloads, not the server)."""
+    """One training run at a time in this process, whichever browser session (or manager) starts
+    it: the check "nothing running" and the start happen under one lock of the process, so two
+    Starts at the same moment cannot both pass the check; the second is refused with a message.
+    The process outlives page reloads, not the server."""
+
+    _lock = threading.Lock()  # class-wide: every session and every RunManager of the process
+    _active: TrainingRun | None = None  # the run this process started last (by any manager)
 
     def __init__(self):
         self.run: TrainingRun | None = None
-        self._lock = threading.Lock()
+
+    @classmethod
+    def _refuse_if_busy(cls) -> None:
+        active = cls._active
+        if active is not None and active.running:
+            raise LorakitError(f"a run is in progress ({active.name}); stop it or wait until it ends")
 
     def start(self, run: TrainingRun) -> TrainingRun:
-        with self._lock:
-            if self.run is not None and self.run.running:
-                raise LorakitError(f"a run is in progress ({self.run.name}); stop it or wait until it ends")
-            self.run = run.start()
+        """Start a prepared run, refused while another is in progress."""
+        return self.launch(lambda: run)
+
+    def launch(self, prepare: Callable[[], TrainingRun]) -> TrainingRun:
+        """Refuse while a run is in progress; else prepare() (validate, claim the folder, write
+        the config: prepare_run) and start it, all under the lock."""
+        with RunManager._lock:
+            self._refuse_if_busy()
+            run = prepare()
+            run.start()
+            RunManager._active = self.run = run
             return run
 
     def stop(self) -> bool:

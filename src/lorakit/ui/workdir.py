@@ -8,6 +8,9 @@ Layout (every folder is made on first use)::
     WORKDIR/models/NAME/    local base models (Hugging Face folders) the page offers besides the aliases
     WORKDIR/merged/NAME/    merged models written by the Models tab (usable as base models too)
     WORKDIR/eval/NAME/      evaluation reports written by the Evaluate tab
+    WORKDIR/exports/NAME/   exports written by the Export tab
+
+Every name the page writes there goes through Workdir.path_for (check_name, then where it resolves).
 """
 
 from __future__ import annotations
@@ -43,17 +46,47 @@ DEMO_LABELS = {
 }
 UI_CONFIG = "train.yaml"  # the config the page wrote; `lorakit train` repeats the run from it
 UI_LOG = "train.log"  # the run's stdout and stderr
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,79}$")
+NAME_MAX = 80
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+MB = 1024 * 1024
+DEFAULT_MAX_UPLOAD_BYTES = 512 * MB  # `lorakit ui --max-upload-mb`
+
+
+def safe_stem(text: str, fallback: str = "data", limit: int = NAME_MAX - 20) -> str:
+    """A name check_name accepts, made from any text (an upload's file name, an adapter key):
+    other characters become '_', runs of dots one dot; room is left for a suffix."""
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", text or "")
+    stem = re.sub(r"\.{2,}", ".", stem).strip("._-")[:limit].rstrip("._-")
+    return stem or fallback
 
 
 def check_name(name: str, what: str = "adapter name") -> str:
+    """A name typed on the page that becomes one file or folder of the workdir (a run, an export, a
+    merged model): one path component of letters, digits, '.', '_', '-', starting with a letter or
+    digit, at most NAME_MAX characters. Anything else is refused in one line that says why (a
+    path separator, '..', an absolute path, a leading dot, a control character, ...); surrounding
+    spaces are dropped. Workdir.path_for also checks where the name resolves."""
     name = (name or "").strip()
-    if not _NAME.match(name):
-        raise LorakitError(
-            f"{what}: {name!r} is not a usable folder name (letters, digits, '.', '_', '-'; "
-            "starting with a letter or digit)"
-        )
-    return name
+    shown = repr(name) if len(name) <= NAME_MAX else repr(name[:NAME_MAX] + "...")
+    if not name:
+        why = "is empty"
+    elif any(ord(c) < 32 or c == "\x7f" for c in name):
+        why = "holds a control character"
+    elif name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name):
+        why = "is an absolute path; give a name, not a path"
+    elif "/" in name or "\\" in name:
+        why = "holds a path separator; give a name, not a path"
+    elif ".." in name:
+        why = "holds '..'"
+    elif name.startswith("."):
+        why = "starts with a dot (a hidden file)"
+    elif len(name) > NAME_MAX:
+        why = f"is longer than {NAME_MAX} characters"
+    elif not _NAME.match(name):
+        why = "is not a usable folder name (letters, digits, '.', '_', '-'; starting with a letter or digit)"
+    else:
+        return name
+    raise LorakitError(f"{what}: {shown} {why}")
 
 
 @dataclass
@@ -147,14 +180,24 @@ def _targets_text(targets) -> str:
     return str(targets or "")
 
 
+def _mb(n: int) -> str:
+    return f"{n / MB:g} MB"
+
+
+def upload_limit(workdir: Workdir) -> str:
+    """The upload limit as the page shows it ("512 MB")."""
+    return _mb(workdir.max_upload_bytes)
+
+
 def _round(v):
     return round(v, 4) if isinstance(v, (int, float)) else ""
 
 
 class Workdir:
-    def __init__(self, root: str | Path):
+    def __init__(self, root: str | Path, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES):
         self.root = Path(root).expanduser().resolve()
         self.root.mkdir(parents=True, exist_ok=True)
+        self.max_upload_bytes = max_upload_bytes
 
     def _dir(self, name: str) -> Path:
         path = self.root / name
@@ -166,6 +209,27 @@ class Workdir:
     models_dir = property(lambda self: self._dir("models"))
     merged_dir = property(lambda self: self._dir("merged"))
     eval_dir = property(lambda self: self._dir("eval"))
+    exports_dir = property(lambda self: self._dir("exports"))
+
+    def path_for(self, folder: Path, name: str, what: str) -> Path:
+        """WORKDIR/.../NAME for a name typed on the page (check_name), refused unless it resolves,
+        symbolic links followed, to a direct child of ``folder`` inside the workdir: a link
+        planted there cannot send a write elsewhere. Every name of the page that becomes a file
+        or folder goes through here."""
+        name = check_name(name, what)
+        folder = Path(folder)
+        path = folder / name
+        if not self.inside(folder, self.root):
+            raise LorakitError(f"{what}: {folder} is outside the workdir {self.root}")
+        if path.resolve().parent != folder.resolve():
+            raise LorakitError(f"{what}: {path} leads outside {folder} (a symbolic link)")
+        return path
+
+    @staticmethod
+    def inside(path: Path, folder: Path) -> bool:
+        """``path`` is ``folder`` or below it, both with their symbolic links resolved."""
+        path, folder = Path(path).resolve(), Path(folder).resolve()
+        return path == folder or folder in path.parents
 
     # ---- datasets ---------------------------------------------------------------------------
     def datasets(self) -> list[Path]:
@@ -209,15 +273,23 @@ class Workdir:
         return str(path)
 
     def save_upload(self, uploaded: str | Path, original_name: str | None = None) -> Path:
-        """Check an uploaded file as training data (the same loader training uses) and copy it
-        into data/. Bad files raise DataError naming the file by its own name and the record."""
+        """Check an uploaded file as training data and copy it into data/: a supported kind
+        (DATA_SUFFIXES), at most max_upload_bytes, read by the same loader training uses. A refused
+        file raises DataError naming it by its own name (and the record); nothing is written."""
         uploaded = Path(uploaded)
         name = Path(original_name or uploaded.name).name
         if Path(name).suffix.lower() not in DATA_SUFFIXES:
             raise DataError(
                 name,
                 f"unsupported file kind {Path(name).suffix or '(no extension)'!r}; "
-                "upload a .json, .jsonl, .csv or .parquet file",
+                "upload a .json, .jsonl (or .ndjson), .csv or .parquet file",
+            )
+        size = uploaded.stat().st_size
+        if size > self.max_upload_bytes:
+            raise DataError(
+                name,
+                f"{size / MB:,.1f} MB is more than the upload limit of {_mb(self.max_upload_bytes)} "
+                "(lorakit ui --max-upload-mb)",
             )
         try:
             loaded = load_examples(uploaded)
@@ -226,11 +298,11 @@ class Workdir:
         if not loaded.examples:
             raise DataError(name, "holds no records")
         stem, suffix = Path(name).stem, Path(name).suffix.lower()
-        stem = re.sub(r"[^A-Za-z0-9._-]+", "_", stem).strip("._") or "data"
-        target = self.data_dir / f"{stem}{suffix}"
+        stem = safe_stem(stem)
+        target = self.path_for(self.data_dir, f"{stem}{suffix}", "upload")
         n = 1
         while target.exists() and target.read_bytes() != uploaded.read_bytes():
-            target = self.data_dir / f"{stem}-{n}{suffix}"
+            target = self.path_for(self.data_dir, f"{stem}-{n}{suffix}", "upload")
             n += 1
         if not target.exists():
             shutil.copyfile(uploaded, target)
@@ -267,8 +339,11 @@ class Workdir:
         """A dropdown key (NAME or NAME/checkpoint-N) -> the folder to load."""
         if not key:
             raise LorakitError("adapter: choose one")
-        path = (self.adapters_dir / key).resolve()
-        if self.adapters_dir.resolve() not in path.parents or not (path / ADAPTER_CONFIG).is_file():
+        parts = key.split("/")
+        path = None
+        if len(parts) <= 2 and all(p and p not in (".", "..") and "\\" not in p for p in parts):
+            path = (self.adapters_dir / key).resolve()
+        if path is None or not self.inside(path, self.adapters_dir) or not (path / ADAPTER_CONFIG).is_file():
             raise LorakitError(f"adapter: {key} is not an adapter in {self.adapters_dir}")
         if path.name.startswith("checkpoint-") and not (path / CHECKPOINT_MARKER).is_file():
             raise LorakitError(f"adapter: {key} was not completely written (the run died while saving it)")

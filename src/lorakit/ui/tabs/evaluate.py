@@ -8,6 +8,7 @@ import pandas as pd
 
 from ...eval.metrics import METRICS
 from ..evaluation import run_evaluation
+from ..workdir import DATA_SUFFIXES, upload_limit
 from .common import Shared, error_text
 
 
@@ -24,8 +25,8 @@ def build(shared: Shared) -> gr.Tab:
                 scale=3,
             )
             eval_upload = gr.File(
-                label="Upload eval data",
-                file_types=[".json", ".jsonl", ".csv", ".parquet"],
+                label=f"Upload eval data (.json, .jsonl, .csv, .parquet; at most {upload_limit(workdir)})",
+                file_types=list(DATA_SUFFIXES),
                 height=120,
                 scale=2,
                 elem_id="eval-upload",

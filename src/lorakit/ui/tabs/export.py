@@ -16,7 +16,7 @@ import gradio as gr
 
 from ...errors import LorakitError
 from ...runfolder import read_export_record
-from ..workdir import Workdir, check_name
+from ..workdir import Workdir, safe_stem
 from .common import Shared, error_text
 
 FORMATS = [
@@ -43,8 +43,9 @@ def export_argv(
     folder = workdir.resolve_adapter(adapter_key)
     if fmt not in {v for _, v in FORMATS}:
         raise LorakitError(f"format: choose one of {', '.join(v for _, v in FORMATS)}")
-    name = check_name(name, "export name") if (name or "").strip() else f"{adapter_key.replace('/', '-')}-{fmt}"
-    out = workdir.root / "exports" / name
+    if not (name or "").strip():
+        name = f"{safe_stem(adapter_key.replace('/', '-'), 'adapter')}-{fmt}"
+    out = workdir.path_for(workdir.exports_dir, name, "export name")
     args = ["export", "--adapter", str(folder), "--to", fmt, "--out", str(out)]
     if fmt != "hf" and not lora_only:
         args += ["--quant", quant]

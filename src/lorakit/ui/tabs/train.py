@@ -22,7 +22,7 @@ from ..training import (
     prepare_run,
     values_from_config,
 )
-from ..workdir import DEMO_TRAIN
+from ..workdir import DATA_SUFFIXES, DEMO_TRAIN, upload_limit
 from .common import Shared, error_text
 
 FIELD_KEYS = [k for k in FORM_KEYS if k != "lora_target_modules"]  # one component each
@@ -94,8 +94,8 @@ def build(shared: Shared) -> gr.Tab:
                 )
                 upload = gr.File(
                     label="Upload a dataset (.json, .jsonl, .csv, .parquet: Alpaca, Dolly, "
-                    "messages, ShareGPT or text records)",
-                    file_types=[".json", ".jsonl", ".csv", ".parquet"],
+                    f"messages, ShareGPT or text records; at most {upload_limit(workdir)})",
+                    file_types=list(DATA_SUFFIXES),
                     elem_id="train-upload",
                     height=120,
                 )
@@ -249,6 +249,8 @@ def build(shared: Shared) -> gr.Tab:
         with gr.Row():
             start_btn = gr.Button("Start", variant="primary", elem_id="train-start")
             stop_btn = gr.Button("Stop", variant="stop", interactive=False, elem_id="train-stop")
+        # Start's own answer (a refusal stays in view while the run of another session goes on)
+        start_msg = gr.Markdown(elem_id="train-start-msg")
         progress = gr.HTML(progress_html(None), elem_id="train-progress")
         train_status = gr.Markdown(elem_id="train-status")
         train_command = gr.Markdown(elem_id="train-command")
@@ -374,7 +376,10 @@ def build(shared: Shared) -> gr.Tab:
     def on_copy_from(run_name):
         if not run_name:
             return {resume: gr.update(value=False)}
-        info = workdir.adapter(run_name)
+        known = {a.name: a for a in workdir.adapters()}
+        if run_name not in known:  # a folder of adapters/, never a path
+            return {train_status: f"error: copy parameters from: {run_name!r} is not a run in {workdir.adapters_dir}"}
+        info = known[run_name]
         config = info.settings()
         out = fill_form(values_from_config(config))
         data_path = config.get("data_path")
@@ -395,21 +400,24 @@ def build(shared: Shared) -> gr.Tab:
         )
         return out
 
-    copy_from.input(on_copy_from, copy_from, [*field_inputs, *target_inputs, dataset, resume])
+    copy_from.input(on_copy_from, copy_from, [*field_inputs, *target_inputs, dataset, resume, train_status])
 
     # ---- start, stop, progress ------------------------------------------------------------------
     def on_start(data_value, run_name, copied, resume_it, *args):
-        try:
+        def prepare():
             if resume_it and not copied:
                 raise LorakitError("resume: pick the run under 'Copy parameters from' first")
             data_path = workdir.resolve_dataset(data_value)
-            run = prepare_run(
+            return prepare_run(
                 workdir, form_values(args), data_path, name=copied if resume_it else run_name, resume=bool(resume_it)
             )
-            runs.start(run)
+
+        try:  # under the process's lock: a run in progress is refused before anything is written
+            run = runs.launch(prepare)
         except Exception as e:
-            return {train_status: f"**Not started.** {error_text(e)}"}
+            return {start_msg: f"**Not started.** {error_text(e)}"}
         return {
+            start_msg: "",
             train_status: f"Started **{run.name}**: loading data and model...",
             resume: False,
             train_command: f"Repeat it from a terminal: `{run.command_line}`  \nOutput: `{run.log_path}`",
@@ -422,7 +430,7 @@ def build(shared: Shared) -> gr.Tab:
     start_btn.click(
         on_start,
         [dataset, name, copy_from, resume, *field_inputs, *target_inputs],
-        [train_status, train_command, progress, start_btn, stop_btn, loss_chart, resume],
+        [start_msg, train_status, train_command, progress, start_btn, stop_btn, loss_chart, resume],
     )
 
     def on_stop():
@@ -454,13 +462,24 @@ def build(shared: Shared) -> gr.Tab:
             out[stop_btn] = gr.update(interactive=st.state in ("starting", "training"))
             if st.finished:  # a new adapter (or checkpoint): every tab's lists are refreshed
                 out[shared.lists_changed] = (lists_version or 0) + 1
+                out[start_msg] = ""  # a refusal while it ran is over
         out[seen] = {"run": run.name, "state": st.state, "log_lines": st.log_lines}
         return out
 
     timer.tick(
         on_tick,
         [seen, shared.lists_changed],
-        [progress, loss_chart, train_status, train_command, start_btn, stop_btn, seen, shared.lists_changed],
+        [
+            progress,
+            loss_chart,
+            train_status,
+            train_command,
+            start_btn,
+            stop_btn,
+            seen,
+            shared.lists_changed,
+            start_msg,
+        ],
         show_progress="hidden",
     )
     return tab
