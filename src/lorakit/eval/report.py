@@ -4,7 +4,8 @@ The result dict (built by the evaluator) holds "created", "base", "models" (base
 adapter, with its train_log records), "datasets", "scores" (model -> dataset -> metric -> value)
 and "samples" (dataset -> [{prompt, reference, answers: {model: text}}]). Metric keys may be
 missing and values may be None. Every file is written to a temporary name then moved into place,
-so an interrupted run never leaves a half-written file.
+all of them together, so an interrupted run or a full disk never leaves a half-written file or a
+report mixed from two runs.
 
 report.md and report.html are both rendered from report_sections(): the report as a list of
 sections (Metrics, Efficiency, Plots, Samples), each with its tables and plot files, which the UI
@@ -19,7 +20,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..files import atomic_write_bytes
+from ..files import atomic_write_files
 from ..runfolder import EVAL_REPORT, read_eval_report
 
 # Quality metrics in display order; other unknown non-efficiency keys are appended after these.
@@ -449,31 +450,33 @@ def write_report(result: dict, out_dir: Path) -> dict[str, Path]:
     """Write report.json, report.md, report.html and the plots (metrics.png, latency.png, and
     loss_curves.png when some adapter has a train log) into out_dir. Returns name -> path for
     every file written: "json", "markdown", "html", and "metrics", "loss_curves", "latency"
-    for the plots that had data. The same content as data: report_sections / read_report_sections."""
+    for the plots that had data. The same content as data: report_sections / read_report_sections.
+
+    All or nothing (files.atomic_write_files): every file is rendered, then all are written to temp
+    names and renamed, so a full disk or an error leaves an earlier report in out_dir as it was."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths: dict[str, Path] = {}
-
-    atomic_write_bytes(
-        out_dir / EVAL_REPORT, json.dumps(_jsonable(result), ensure_ascii=False, indent=2).encode("utf-8")
-    )
-    paths["json"] = out_dir / "report.json"
+    files: dict[str, bytes] = {
+        EVAL_REPORT: json.dumps(_jsonable(result), ensure_ascii=False, indent=2).encode("utf-8")
+    }
+    keys = {"json": EVAL_REPORT}
 
     makers = {"metrics": _plot_metrics, "loss_curves": _plot_loss_curves, "latency": _plot_latency}
-    plots = []
+    plots, stale = [], []
     for key, make in makers.items():
-        path = out_dir / PLOTS[key]
         data = make(result)
         if data is None:
-            path.unlink(missing_ok=True)  # no stale plot from an earlier run in this folder
+            stale.append(out_dir / PLOTS[key])  # no stale plot from an earlier run in this folder
             continue
-        atomic_write_bytes(path, data)
-        paths[key] = path
+        files[PLOTS[key]] = data
+        keys[key] = PLOTS[key]
         plots.append(PLOTS[key])
 
     sections = report_sections(result, plots)
-    atomic_write_bytes(out_dir / "report.md", _render_md(result, sections).encode("utf-8"))
-    paths["markdown"] = out_dir / "report.md"
-    atomic_write_bytes(out_dir / "report.html", _render_html(result, sections).encode("utf-8"))
-    paths["html"] = out_dir / "report.html"
-    return paths
+    files["report.md"] = _render_md(result, sections).encode("utf-8")
+    files["report.html"] = _render_html(result, sections).encode("utf-8")
+    keys.update(markdown="report.md", html="report.html")
+    written = atomic_write_files(out_dir, files)
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return {key: written[name] for key, name in keys.items()}

@@ -38,7 +38,7 @@ from ..errors import LorakitError
 from ..files import atomic_write_json, atomic_write_text, staged_folder
 from ..runfolder import EXPORT_RECORD, UNVERIFIED_MARKER
 from .generate import prompt_ids_for
-from .merge import check_merge_args, load_merged, save_merged
+from .merge import check_merge_args, load_merged, merged_bytes, save_merged
 from .stops import cut_at_stop
 from .verify import (
     VERIFY_NEW_TOKENS,
@@ -676,7 +676,7 @@ def export_hf(
     if qlora:
         record["qlora_base"] = qlora
     failure = None
-    with staged_folder(out, "exporting") as staging:
+    with staged_folder(out, "exporting", needed=merged_bytes(merged, out)) as staging:
         save_merged(merged, staging)
         record["generation_config"] = write_generation_config(staging, merged.model, template, tokenizer)
         merged.model = None  # free the merged copy before the verification copies load

@@ -7,7 +7,8 @@ merged model gives the same prompt as base + adapter did.
 
 ``lorakit merge`` and ``lorakit export --to hf`` share the steps below: ``check_merge_args``,
 ``load_merged``, ``files.staged_folder`` (a hidden staging folder moved into place only when the block
-ends without an error) and ``save_merged``."""
+ends without an error; sized by ``merged_bytes``, so a disk without room for it refuses it before
+anything is written) and ``save_merged``."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import torch
 
 from ..data.templates import PromptTemplate, resolve_template
 from ..errors import LorakitError
-from ..files import atomic_write_json, check_writable_folder, staged_folder
+from ..files import atomic_write_json, bytes_on_disk, check_writable_folder, staged_folder
 from ..models.loading import load_model, load_tokenizer, resolve_model_path
 from ..models.registry import DEFAULT_BASE_MODEL
 from ..runfolder import MERGE_RECORD, recorded_base_model
@@ -79,6 +80,37 @@ def load_merged(
     return Merged(model, tokenizer, template, base, adapter_dir, dtype)
 
 
+# the small files of a model folder that a merged folder holds again (config, tokenizer, template)
+_SMALL_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+)
+
+
+def merged_bytes(merged: Merged, near: str | Path) -> int:
+    """About what ``save_merged`` writes, on the file system of ``near``: every weight once (tied
+    weights are one tensor) plus the base folder's config and tokenizer files."""
+    weights, seen = 0, set()
+    for t in merged.model.state_dict().values():
+        key = (t.data_ptr(), t.nbytes)
+        if key not in seen:
+            seen.add(key)
+            weights += t.nbytes
+    sizes = [weights]
+    source = Path(str(getattr(merged.tokenizer, "name_or_path", "") or ""))
+    if source.is_dir():
+        sizes += [(source / name).stat().st_size for name in _SMALL_FILES if (source / name).is_file()]
+    return bytes_on_disk(sizes, near)
+
+
 def save_merged(merged: Merged, folder: Path) -> None:
     """Weights, tokenizer, the template record and the merge record."""
     merged.model.save_pretrained(str(folder))
@@ -105,6 +137,6 @@ def merge_adapter(
 ) -> Path:
     adapter_dir, out = check_merge_args(adapter, out, dtype, force)
     merged = load_merged(adapter_dir, base, dtype, trust_remote_code)
-    with staged_folder(out, "merging") as staging:
+    with staged_folder(out, "merging", needed=merged_bytes(merged, out)) as staging:
         save_merged(merged, staging)
     return out

@@ -14,7 +14,8 @@ Format (``adapter_model.int8.safetensors``, a name plain peft does not read as a
   name, dtype, shape and bytes, checked on load, so a damaged file is refused, not half-used.
 
 The folder is written to a staging folder beside ``--out``, read back and checked, then renamed
-into place: an interrupted run leaves no half-written adapter.
+into place: an interrupted run leaves no half-written adapter, and a disk without room for it is
+one error line (files.staged_folder).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from pathlib import Path
 import torch
 
 from ..errors import LorakitError, ModelError
-from ..files import atomic_write_json, staged_folder
+from ..files import atomic_write_json, bytes_on_disk, staged_folder
 from ..runfolder import MANIFEST
 from .adapters import ADAPTER_CONFIG, FLOAT_WEIGHTS, INT8_WEIGHTS, adapter_format, check_adapter_dir
 
@@ -198,7 +199,10 @@ def quantize_adapter(src: str | Path, out: str | Path, force: bool = False) -> d
         "lorakit_int8_sha256": _digest(tensors),
     }
 
-    with staged_folder(out, "quantizing") as staging:
+    # the int8 file (tensors + at least 100 bytes of header each) and the side files copied beside it
+    side = [f.stat().st_size for f in src.iterdir() if f.is_file() and f.suffix.lower() in _COPIED_SUFFIXES]
+    needed = bytes_on_disk([sum(t.nbytes + 100 for t in tensors.values()), *side], out)
+    with staged_folder(out, "quantizing", needed=needed) as staging:
         copied = _copy_side_files(src, staging)
         save_file(tensors, str(staging / INT8_WEIGHTS), metadata=metadata)
         # read back as every loader will, and check the error bound against the float weights

@@ -10,7 +10,7 @@ from pathlib import Path
 from transformers import TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 
-from ..files import atomic_write_json
+from ..files import append_text, atomic_write_json
 from ..runfolder import (  # noqa: F401 - re-exported
     CHECKPOINT_MARKER,
     TRAIN_LOG,
@@ -58,8 +58,7 @@ class JsonlLogCallback(TrainerCallback):
             if isinstance(v, float) and not math.isfinite(v):
                 v = str(v)  # JSON has no NaN/inf
             record[k] = v
-        with self.path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        append_text(self.path, json.dumps(record) + "\n")  # whole lines only, also on a full disk
 
 
 # ---- checkpoints -------------------------------------------------------------------------------

@@ -6,7 +6,9 @@ back onto the base reproduces the in-memory model's logits on a probe input.
 
 Atomicity: files are written into ``output_dir/.saving-<pid>`` and moved with os.replace (atomic
 per file on one filesystem); the manifest is written last and removed first, so a folder whose
-manifest is present always holds a complete, verified adapter.
+manifest is present always holds a complete, verified adapter. Every file, the manifest included,
+is on disk in the staging folder before the first one is moved, so a full disk (one DiskFull line,
+files.space_for) leaves the adapter that was in output_dir as it was.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 from ..errors import LorakitError
-from ..files import atomic_write_json, atomic_write_text
+from ..files import atomic_write_json, atomic_write_text, bytes_on_disk, space_for
 from ..runfolder import ADAPTER_CONFIG, ADAPTER_WEIGHTS, MANIFEST, STAGING_PREFIX
 
 
@@ -134,22 +136,37 @@ def save_verified_adapter(
     Trainer.save_model for a sharded model); otherwise the in-memory model writes them."""
     output_dir = Path(output_dir)
     prewritten = staging is not None
-    if not prewritten:
-        staging = output_dir / f"{STAGING_PREFIX}{os.getpid()}"
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-    try:
+    with space_for(output_dir, None if prewritten else adapter_bytes(model, tokenizer, extra_files, output_dir)):
         if not prewritten:
-            model.save_pretrained(str(staging))
-        tokenizer.save_pretrained(str(staging))
-        for name, text in extra_files.items():
-            atomic_write_text(staging / name, text)
-        check = verify_adapter(model, staging, probe_ids)
-        (output_dir / MANIFEST).unlink(missing_ok=True)
-        for f in sorted(staging.iterdir()):
-            os.replace(f, output_dir / f.name)
-        manifest = {**manifest, "verification": check}
-        atomic_write_json(output_dir / MANIFEST, manifest)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+            staging = output_dir / f"{STAGING_PREFIX}{os.getpid()}"
+            shutil.rmtree(staging, ignore_errors=True)
+        try:
+            staging.mkdir(parents=True, exist_ok=True)
+            if not prewritten:
+                model.save_pretrained(str(staging))
+            tokenizer.save_pretrained(str(staging))
+            for name, text in extra_files.items():
+                atomic_write_text(staging / name, text)
+            check = verify_adapter(model, staging, probe_ids)
+            manifest = {**manifest, "verification": check}
+            atomic_write_json(staging / MANIFEST, manifest)  # all of it on disk before anything moves
+            (output_dir / MANIFEST).unlink(missing_ok=True)
+            for f in sorted(staging.iterdir()):
+                if f.name != MANIFEST:
+                    os.replace(f, output_dir / f.name)
+            os.replace(staging / MANIFEST, output_dir / MANIFEST)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     return manifest
+
+
+def adapter_bytes(model, tokenizer, extra_files: dict[str, str], near: Path) -> int:
+    """About what save_verified_adapter writes, on the file system of ``near``: the adapter weights,
+    the extra files and the tokenizer's files in its source folder (a lower bound: peft's config and
+    model card, the manifest are left out)."""
+    sizes = [sum(p.nbytes for n, p in model.named_parameters() if ".default." in n or n.endswith(".default"))]
+    sizes += [len(text.encode("utf-8")) for text in extra_files.values()]
+    source = Path(str(getattr(tokenizer, "name_or_path", "") or ""))
+    if source.is_dir():
+        sizes += [f.stat().st_size for f in source.glob("tokenizer*") if f.is_file()]
+    return bytes_on_disk(sizes, near)

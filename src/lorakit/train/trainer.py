@@ -4,16 +4,23 @@
   checkpoints already written stay good.
 - Real (non-padding) tokens are counted, so tokens/s means work done, not padding.
 - Every training log carries tokens/s and a summary of the LoRA weights' norms.
+- A full disk during the run is one error line (files.DiskFull) naming what did not fit (a
+  checkpoint: with the space it needs), the space free and the last complete checkpoint to resume
+  from; a half-written checkpoint folder is removed, those already written stay as they were.
 """
 
 from __future__ import annotations
 
+import shutil
 import time
+from pathlib import Path
 
 import torch
 from transformers import Trainer
 
 from ..errors import LorakitError
+from ..files import DiskFull, bytes_on_disk, space_for
+from ..runfolder import CHECKPOINT_MARKER, checkpoint_dir, complete_checkpoints
 
 
 class TrainingDiverged(LorakitError):
@@ -55,7 +62,31 @@ class LorakitTrainer(Trainer):
 
     def train(self, *args, **kwargs):
         self._last_log = (time.perf_counter(), self.tokens_seen)
-        return super().train(*args, **kwargs)
+        try:
+            # a full disk anywhere in the run (a checkpoint, train_log.jsonl, TensorBoard's event file)
+            with space_for(self.args.output_dir):
+                return super().train(*args, **kwargs)
+        except BaseException as e:
+            self._close_progress_bar()  # so the error line that follows starts a line of its own
+            if isinstance(e, DiskFull):
+                good = complete_checkpoints(self.args.output_dir)
+                hint = (
+                    f"the last complete checkpoint is {good[-1]}; free some space and resume with "
+                    "resume_from_checkpoint=true"
+                    if good
+                    else "no checkpoint was written yet"
+                )
+                raise DiskFull(e.path, e.needed, hint=hint) from None
+            raise
+
+    def _close_progress_bar(self) -> None:
+        from transformers.trainer_callback import ProgressCallback
+
+        for cb in self.callback_handler.callbacks:
+            bar = getattr(cb, "training_bar", None) if isinstance(cb, ProgressCallback) else None
+            if bar is not None:
+                bar.close()
+                cb.training_bar = None
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """Causal-LM loss with logits only where they are needed.
@@ -114,6 +145,36 @@ class LorakitTrainer(Trainer):
                 "the run stopped before applying it"
             )
         return loss
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """transformers' checkpoint save (written in place, marked complete by
+        CheckpointMarkerCallback afterwards), with a full disk as one DiskFull line: refused
+        beforehand when the last checkpoint's size is not free, else the half-written folder is
+        removed (it is no checkpoint, and it holds the space)."""
+        run_dir = Path(self._get_output_dir(trial=trial))
+        folder = checkpoint_dir(run_dir, self.state.global_step)
+        existed, started = folder.exists(), False
+        needed = self._checkpoint_bytes(run_dir)
+        try:
+            with space_for(folder, needed):
+                started = True
+                super()._save_checkpoint(model, trial)
+        except DiskFull as e:
+            if started and not existed:
+                shutil.rmtree(folder, ignore_errors=True)
+            elif started:
+                (folder / CHECKPOINT_MARKER).unlink(missing_ok=True)  # partly overwritten: not complete
+            raise DiskFull(folder, e.needed) from None  # the free space once it is gone (train() adds the advice)
+
+    def _checkpoint_bytes(self, run_dir: Path) -> int:
+        """About what the next checkpoint takes: the last complete one's size, else the trainable
+        weights and the optimizer's two moments of each (AdamW; 8-bit ones for the paged 8-bit AdamW)."""
+        good = complete_checkpoints(run_dir)
+        if good:
+            return bytes_on_disk((f.stat().st_size for f in good[-1].rglob("*") if f.is_file()), run_dir)
+        trainable = sum(p.nbytes for p in self.model.parameters() if p.requires_grad)
+        moments = trainable // 2 if "8bit" in str(self.args.optim) else 2 * trainable
+        return bytes_on_disk([trainable, moments], run_dir)
 
     def _get_train_sampler(self, train_dataset=None):
         """group_by_length with windows sized by the *global* batch, so N processes see the same
