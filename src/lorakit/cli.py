@@ -76,9 +76,17 @@ def config_help_cmd():
 def _params(max_new_tokens, temperature, top_p, top_k, num_beams, repetition_penalty, seed):
     from .infer.generate import GenerationParams
 
-    if temperature < 0 or not (0 < top_p <= 1) or top_k < 0 or num_beams < 1 or max_new_tokens < 1:
+    if (
+        not temperature >= 0  # "not >=": NaN fails too
+        or not (0 < top_p <= 1)
+        or top_k < 0
+        or num_beams < 1
+        or max_new_tokens < 1
+        or not (0 < repetition_penalty < float("inf"))
+    ):
         raise LorakitError(
-            "generation: need temperature >= 0, 0 < top-p <= 1, top-k >= 0, num-beams >= 1, max-new-tokens >= 1"
+            "generation: need temperature >= 0, 0 < top-p <= 1, top-k >= 0, num-beams >= 1, max-new-tokens >= 1, "
+            "repetition-penalty > 0"
         )
     return GenerationParams(
         max_new_tokens=max_new_tokens,
@@ -427,6 +435,9 @@ def eval_cmd(
     """Measure the base model and each adapter on eval sets: task metrics, loss, latency, memory."""
     from .eval.runner import evaluate
 
+    for flag, value in (("--batch-size", batch_size), ("--max-new-tokens", max_new_tokens), ("--limit", limit)):
+        if value is not None and value < 1:  # before any model loads (found by hypothesis)
+            raise LorakitError(f"{flag} {value}: must be at least 1")
     _quiet_libraries()
     result = evaluate(
         base,

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import random
 import re
+import reprlib
+import sys
 from pathlib import Path
 from typing import Any, Literal
 
@@ -31,7 +33,8 @@ SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "inverse_s
 class TrainConfig(BaseModel):
     """Everything a training run needs. Defaults follow Alpaca-LoRA where it has one."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan: every number here is a count, a rate or a size; .inf or .nan in YAML is a mistake
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
     # --- model -----------------------------------------------------------------------------
     base_model: str = Field(
@@ -137,7 +140,9 @@ class TrainConfig(BaseModel):
     warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps (overrides warmup_ratio when > 0).")
     warmup_ratio: float = Field(0.0, ge=0, le=1, description="Warm-up as a share of all steps.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
-    seed: int = Field(42, description="Random seed for data order, LoRA init and dropout.")
+    seed: int = Field(
+        42, ge=0, le=2**32 - 1, description="Random seed for data order, LoRA init and dropout (0 to 2**32 - 1)."
+    )
 
     packing: bool = Field(
         False,
@@ -224,10 +229,7 @@ class TrainConfig(BaseModel):
             if v == "all-linear":
                 return v
             if is_regex(v):  # peft matches a string target against full module names
-                try:
-                    re.compile(v)
-                except re.error as e:
-                    raise ValueError(f"not a valid regular expression: {e}") from None
+                _check_regex(v)
                 return v
             # "q_proj,v_proj" from the command line
             v = [s.strip() for s in v.split(",") if s.strip()]
@@ -254,6 +256,15 @@ class TrainConfig(BaseModel):
             return "true" if v else "false"
         if isinstance(v, (int, float)):
             return str(v)
+        return v
+
+    @field_validator("rank_pattern", "alpha_pattern")
+    @classmethod
+    def _patterns(cls, v, info):
+        for key, value in v.items():  # peft matches each key as a regular expression against module names
+            _check_regex(key, f"key {key!r}: ")
+            if info.field_name == "rank_pattern" and value < 1:
+                raise ValueError(f"key {key!r}: a rank must be at least 1, got {value}")
         return v
 
     @field_validator("eval_data_path", mode="before")
@@ -308,6 +319,11 @@ class TrainConfig(BaseModel):
             )
         # __dict__: not an assignment, which would validate again (and mark the key as set)
         self.__dict__.update(save_steps=save_steps, eval_steps=eval_steps)
+        # YAML reads 0x... numbers of any length; no trainer, and no config record, takes one past 64 bits
+        for name, value in self.__dict__.items():
+            for number in value.values() if isinstance(value, dict) else [value]:
+                if isinstance(number, int) and not -(2**63) <= number < 2**63:
+                    raise ValueError(f"{name}: a number too large (more than 64 bits)")
         return self
 
     def __setattr__(self, name: str, value: Any) -> None:
@@ -345,16 +361,46 @@ class TrainConfig(BaseModel):
         return val_count(self.val_set_size, n_examples)
 
 
+def _check_regex(pattern: str, what: str = "") -> None:
+    try:
+        re.compile(pattern)
+    except (re.error, OverflowError, RecursionError) as e:  # a{99999999999}; thousands of nested groups
+        reason = "groups nested too deeply" if isinstance(e, RecursionError) else e
+        raise ValueError(f"{what}not a valid regular expression: {reason}") from None
+
+
+_SHOWN = reprlib.Repr()  # a bad value in an error line: bounded, whatever its size or depth
+_SHOWN.maxstring = _SHOWN.maxother = 200
+_SHOWN.maxlevel = 3
+
+
+def _shown(value) -> str:
+    if isinstance(value, int) and value.bit_length() > 64:  # past sys.get_int_max_str_digits() it has no repr
+        return f"a {value.bit_length()}-bit number"
+    try:
+        return _SHOWN.repr(value)
+    except (ValueError, RecursionError):
+        return f"a {type(value).__name__}"
+
+
+def _number_problem(error: Exception) -> str:
+    if isinstance(error, RecursionError):
+        return "lists or mappings nested too deeply"
+    if "integer string conversion" in str(error):
+        return f"a number with more than {sys.get_int_max_str_digits()} digits"
+    return " ".join(str(error).split())
+
+
 def _format_validation_error(err: ValidationError, source: str) -> str:
     first = err.errors()[0]
     # loc is (key,) or (key, 'list[str]', ...) for union fields: the key is what the user wrote
     key = str(first["loc"][0]) if first["loc"] else "config"
     if first["type"] == "extra_forbidden":
         known = ", ".join(sorted(TrainConfig.model_fields))
-        return f"{source}: unknown key '{key}' (known keys: {known})"
+        return f"{source}: unknown key {key!r} (known keys: {known})"  # repr: a key may hold a line break
     msg = first["msg"].removeprefix("Value error, ")
     value = first.get("input")
-    shown = "" if isinstance(value, dict) else f" (got {value!r})"
+    shown = "" if isinstance(value, dict) else f" (got {_shown(value)})"
     if key == "config":  # model-level check: the message names its keys
         return f"{source}: {msg}"
     return f"{source}: {key}: {msg}{shown}"
@@ -363,12 +409,12 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
 def parse_override(item: str) -> tuple[str, Any]:
     """'key=value' -> (key, YAML-parsed value)."""
     if "=" not in item:
-        raise ConfigError(f"override '{item}' is not key=value")
+        raise ConfigError(f"override {item!r} is not key=value")
     key, raw = item.split("=", 1)
     key = key.strip()
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
+    except (yaml.YAMLError, RecursionError, ValueError):  # ValueError: 2024-13-01, a 5000-digit number
         value = raw
     return key, value
 
@@ -381,21 +427,28 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None, for
     if path is not None:
         path = Path(path)
         source = str(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: config file not found")
         try:
+            if not path.is_file():
+                raise ConfigError(f"{path}: config file not found")
             loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
         except UnicodeDecodeError:
             raise ConfigError(f"{path}: not valid UTF-8 text") from None
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read the file: {e.strerror or e}") from None
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f" at line {mark.line + 1}" if mark else ""
-            raise ConfigError(f"{path}: invalid YAML{where}: {getattr(e, 'problem', e)}") from None
+            problem = getattr(e, "problem", None) or (str(e).strip().splitlines() or [type(e).__name__])[0]
+            problem = " ".join(problem.split())  # one line, whatever YAML quotes
+            raise ConfigError(f"{path}: invalid YAML{where}: {problem}") from None
+        except (RecursionError, ValueError) as e:  # a date like 2024-13-01; a number past Python's digit limit
+            raise ConfigError(f"{path}: invalid YAML: {_number_problem(e)}") from None
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: expected a mapping of key: value, found {type(loaded).__name__}")
-        data.update(loaded)
+        # a key YAML reads as a number, a date or null (1: x, null: y) is still a key name: unknown
+        data.update({k if isinstance(k, str) else str(k): v for k, v in loaded.items()})
     for item in overrides or []:
         key, value = parse_override(item)
         field = TrainConfig.model_fields.get(key)

@@ -351,7 +351,10 @@ def check_writable_folder(out: str | Path, flag: str = "--out") -> None:
     """Refuse, before any work, an output folder that cannot be made: the nearest existing folder
     above it must take a new folder (tried for real: permissions, read-only and pseudo file systems
     all answer). One LorakitError line naming the path."""
-    out = Path(out).expanduser().absolute()
+    try:
+        out = Path(out).expanduser().absolute()
+    except RuntimeError as e:  # ~name of no user (found by hypothesis)
+        raise LorakitError(f"{flag}: {out}: {e}") from None
     parent = out.parent
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..errors import ConfigError
 from .loader import LoadedData
 from .templates import PromptTemplate
 from .tokenize import ExampleTokenizer
@@ -49,6 +50,8 @@ class DataReport:
 def check_data(
     data: LoadedData, tokenizer, template: PromptTemplate, cutoff_len: int, train_on_inputs: bool = False
 ) -> DataReport:
+    if cutoff_len < 1:  # every example would count as over it, and none would train
+        raise ConfigError(f"--cutoff-len: {cutoff_len}; must be at least 1")
     encode = ExampleTokenizer(tokenizer, template, cutoff_len, train_on_inputs=train_on_inputs)
     _, stats = encode.map(data.examples)
     lengths = sorted(stats.lengths)

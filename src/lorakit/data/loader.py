@@ -19,6 +19,7 @@ import csv
 import hashlib
 import io
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +38,7 @@ _NEEDS = {
     "text": "text",
 }
 _KINDS = {".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".parquet": "parquet"}
+_CSV_CELL_LIMIT = 2**31 - 1  # the largest the csv module takes on every platform
 _MESSAGE_ROLES = {"system": "system", "user": "user", "assistant": "assistant"}
 _SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 
@@ -57,9 +59,13 @@ def load_examples(path: str | Path, data_format: str | None = None) -> LoadedDat
     """Read ``path`` and convert every record; raise ``DataError`` on the first bad one."""
     path = Path(path)
     _check_format(data_format)
-    if not path.exists():
+    try:
+        exists, is_dir = path.exists(), path.is_dir()
+    except OSError as e:  # a name too long for the file system, a folder that cannot be searched
+        raise DataError(path, f"cannot read the file: {e.strerror or e}") from None
+    if not exists:
         raise DataError(path, "file not found")
-    if path.is_dir():
+    if is_dir:
         raise DataError(path, "is a directory; give a data file")
     kind = _KINDS.get(path.suffix.lower())
     if kind is None:
@@ -137,6 +143,16 @@ def _decode(path, data: bytes) -> str:
     return text.removeprefix("\ufeff")  # accept a UTF-8 BOM
 
 
+def _json_problem(error: Exception) -> str:
+    """What json.loads raises besides JSONDecodeError, in words: nesting deeper than Python's
+    recursion limit, a number longer than Python converts (sys.get_int_max_str_digits())."""
+    if isinstance(error, RecursionError):
+        return "lists or objects nested too deeply"
+    if "integer string conversion" in str(error):
+        return f"a number with more than {sys.get_int_max_str_digits()} digits"
+    return _one_line(error)
+
+
 def _read_json(path, data):
     text = _decode(path, data)
     if not text.strip():
@@ -146,6 +162,8 @@ def _read_json(path, data):
     except json.JSONDecodeError as e:
         hint = "; for one JSON object per line, name the file .jsonl" if e.msg == "Extra data" else ""
         raise DataError(path, f"invalid JSON at line {e.lineno} column {e.colno}: {e.msg}{hint}") from None
+    except (RecursionError, ValueError) as e:
+        raise DataError(path, f"invalid JSON: {_json_problem(e)}") from None
     if isinstance(value, dict):
         raise DataError(path, f"expected a JSON list of records, found an object (with {_keys(value)})")
     if not isinstance(value, list):
@@ -163,12 +181,16 @@ def _read_jsonl(path, data):
             items.append((f"line {n}", json.loads(line)))
         except json.JSONDecodeError as e:
             raise DataError(path, f"invalid JSON: {e.msg} (column {e.colno})", record=f"line {n}") from None
+        except (RecursionError, ValueError) as e:
+            raise DataError(path, f"invalid JSON: {_json_problem(e)}", record=f"line {n}") from None
     return items
 
 
 def _read_csv(path, data):
     # The stdlib reader, not datasets/pandas: those turn cells like "42", "NA" or "null" into
     # numbers or missing values, which would corrupt answers and break the string checks.
+    # Its default cell limit (128 KiB) would refuse a long answer that JSON takes: lift it.
+    csv.field_size_limit(max(csv.field_size_limit(), _CSV_CELL_LIMIT))
     reader = csv.DictReader(io.StringIO(_decode(path, data), newline=""))
     items = []
     try:
@@ -214,6 +236,19 @@ def _str(record, key, fmt, required=True, nonempty=False) -> str:
         raise _Bad(f"field {key!r} must be a string, got {_type(value)}")
     if nonempty and not value.strip():
         raise _Bad(f"field {key!r} is empty")
+    return _valid_text(value, f"field {key!r}")
+
+
+def _valid_text(value: str, where: str) -> str:
+    """``value`` if it is text a tokenizer can take: a JSON escape like "\\ud800" without its
+    pair gives a lone surrogate, which no UTF-8 tokenizer, file or terminal accepts."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise _Bad(
+            f"{where} holds {value[e.start]!r}, half of a UTF-16 surrogate pair (a \\u escape without "
+            "its other half), which is not text"
+        ) from None
     return value
 
 
@@ -241,7 +276,8 @@ def _history(value) -> list[Turn]:
     for i, pair in enumerate(value):
         if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(s, str) for s in pair)):
             raise _Bad(f"history[{i}] must be a [user, assistant] pair of strings, got {_short(pair)}")
-        turns += [Turn("user", pair[0]), Turn("assistant", pair[1])]
+        user, assistant = (_valid_text(s, f"history[{i}]") for s in pair)
+        turns += [Turn("user", user), Turn("assistant", assistant)]
     return turns
 
 
@@ -290,6 +326,7 @@ def _chat(record, key, role_key, content_key, roles, system) -> Example:
         if not isinstance(content, str):
             got = _type(content) if content_key in message else "nothing (field missing)"
             raise _Bad(f"{where}: {content_key!r} must be a string, got {got}")
+        _valid_text(content, f"{where}: {content_key!r}")
         role = roles[name]
         if role == "system":
             if i != 0:
@@ -350,7 +387,10 @@ def _type(value) -> str:
 
 
 def _short(value, limit: int = 60) -> str:
-    text = repr(value)  # repr escapes newlines: stays one line
+    try:
+        text = repr(value)  # repr escapes newlines: stays one line
+    except RecursionError:  # lists nested almost as deeply as json.loads allows
+        text = f"a {_type(value)} nested too deeply to show"
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 

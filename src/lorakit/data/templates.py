@@ -17,13 +17,14 @@ generate, chat, compare, eval, serve, the UI and export. See TEMPLATE_POLICY bel
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
 from ..files import atomic_write_text
-from ..runfolder import TEMPLATE_RECORD, read_config_record, read_template_record, run_of
+from ..runfolder import CONFIG_RECORD, TEMPLATE_RECORD, read_config_record, run_of
 from .records import Example, Turn
 
 BUILTIN_DIR = Path(__file__).parent / "templates"
@@ -160,7 +161,9 @@ class PromptTemplate:
                 full = self._apply_chat(tokenizer, messages, add_generation_prompt=True)
                 segments.append(Segment(self._extend(done, full), False))
                 return segments
-            prompt = self._apply_chat(tokenizer, messages[:i], add_generation_prompt=True)
+            # nothing before a conversation that opens with the assistant (a chat template cannot
+            # render an empty one: a 500 from lorakit serve, found by schemathesis)
+            prompt = self._apply_chat(tokenizer, messages[:i], add_generation_prompt=True) if i else ""
             full = self._apply_chat(tokenizer, messages[: i + 1], add_generation_prompt=False)
             segments.append(Segment(self._extend(done, prompt), False))
             segments.append(Segment(self._extend(prompt, full), True))
@@ -267,18 +270,31 @@ def template_from_record(rec: dict[str, Any]) -> PromptTemplate:
     )
 
 
+def _json_problem(error: Exception) -> str:
+    if isinstance(error, RecursionError):
+        return "lists or objects nested too deeply"
+    if "integer string conversion" in str(error):
+        return f"a number with more than {sys.get_int_max_str_digits()} digits"
+    return " ".join(str(error).split())
+
+
 def _read_template_file(path: Path, name: str) -> PromptTemplate:
     try:
         rec = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConfigError(f"prompt template {path}: cannot read it as JSON ({e})") from None
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: not UTF-8, not JSON, a 5000-digit number
+        raise ConfigError(f"prompt template {path}: cannot read it as JSON ({_json_problem(e)})") from None
     if not isinstance(rec, dict):
         raise ConfigError(f"prompt template {path}: expected a JSON object with keys {', '.join(_TEMPLATE_KEYS)}")
-    if rec.get("kind") == "chat":
-        return template_from_record(rec)
     stop = rec.get("stop")
     if stop is not None and (not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop)):
         raise ConfigError(f"prompt template {path}: 'stop' must be a list of non-empty strings (the turn markers)")
+    for key in ("name", "description"):
+        if not isinstance(rec.get(key, ""), str):
+            raise ConfigError(f"prompt template {path}: '{key}' must be a string")
+    if rec.get("kind") == "chat":
+        if not isinstance(rec.get("chat_template", ""), (str, type(None))):
+            raise ConfigError(f"prompt template {path}: 'chat_template' must be a string (a Jinja chat template)")
+        return template_from_record(rec)
     for key in _TEMPLATE_KEYS:
         if not isinstance(rec.get(key), str):
             raise ConfigError(
@@ -304,21 +320,25 @@ def load_template(name_or_path: str, tokenizer=None) -> PromptTemplate:
             name="chat", kind="chat", description="The tokenizer's own chat template.", chat_template=chat_template
         )
     builtin = BUILTIN_DIR / f"{name_or_path}.json"
-    if "/" not in name_or_path and builtin.is_file():
-        return _read_template_file(builtin, name_or_path)
     path = Path(name_or_path)
-    if path.is_file():
-        return _read_template_file(path, path.stem)
+    try:
+        if "/" not in name_or_path and builtin.is_file():
+            return _read_template_file(builtin, name_or_path)
+        if path.is_file():
+            return _read_template_file(path, path.stem)
+    except OSError as e:  # a name too long for the file system, a folder that cannot be searched
+        raise ConfigError(f"prompt_template_name: {name_or_path!r}: {e.strerror or e}") from None
     raise ConfigError(
-        f"prompt_template_name: '{name_or_path}' is neither a built-in template "
+        f"prompt_template_name: {name_or_path!r} is neither a built-in template "
         f"({', '.join(builtin_template_names())}) nor a template file"
     )
 
 
 def template_for_folder(folder: str | Path) -> PromptTemplate | None:
-    """The template recorded in an adapter or merged-model folder, if any."""
-    record = read_template_record(folder)
-    return template_from_record(record) if record is not None else None
+    """The template recorded in an adapter or merged-model folder, if any. A record that cannot
+    be used raises ConfigError naming it, rather than prompting the model another way."""
+    path = Path(folder) / TEMPLATE_RECORD
+    return _read_template_file(path, "custom") if path.is_file() else None
 
 
 def recorded_template(folder: str | Path, tokenizer=None) -> PromptTemplate | None:
@@ -330,7 +350,10 @@ def recorded_template(folder: str | Path, tokenizer=None) -> PromptTemplate | No
         recorded = template_for_folder(f)
         if recorded is not None:
             return recorded
-    name = (read_config_record(run) or {}).get("prompt_template_name")
+    try:
+        name = (read_config_record(run) or {}).get("prompt_template_name")
+    except RecursionError:  # the one error runfolder's reader lets through
+        raise ConfigError(f"{run / CONFIG_RECORD}: lists or mappings nested too deeply") from None
     return load_template(str(name), tokenizer) if name else None
 
 

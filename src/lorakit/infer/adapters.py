@@ -15,44 +15,156 @@ which can run code) is refused before anything is loaded.
 from __future__ import annotations
 
 import json
+import math
+import re
+import sys
 import warnings
 from pathlib import Path
 
 from ..errors import ModelError
-from ..runfolder import ADAPTER_CONFIG, INT8_WEIGHTS
+from ..runfolder import ADAPTER_CONFIG, INT8_WEIGHTS, MANIFEST, recorded_base_model
 from ..runfolder import ADAPTER_WEIGHTS as FLOAT_WEIGHTS
 
 PICKLE_WEIGHTS = "adapter_model.bin"
+_ANY_RANK = 1024  # a rank this small is never refused for its size (small matrices: small memory)
+_LORA_MATRIX = re.compile(r"(^|\.)lora_(A|B|embedding_A|embedding_B)(\.|$)")  # as in quantize.py
 
 
 def check_adapter_dir(adapter: str | Path) -> Path:
     """An adapter folder: adapter_config.json + adapter_model.safetensors, or a lorakit int8
-    folder (adapter_model.int8.safetensors); never pickle files."""
-    path = Path(adapter)
-    if not path.is_dir():
-        raise ModelError(f"adapter: {path} is not a folder")
-    if not (path / ADAPTER_CONFIG).is_file():
-        raise ModelError(f"adapter: {path} holds no adapter_config.json (is it a lorakit/peft adapter folder?)")
-    if not (path / FLOAT_WEIGHTS).is_file() and not (path / INT8_WEIGHTS).is_file():
-        if (path / PICKLE_WEIGHTS).is_file():
-            raise ModelError(
-                f"adapter: {path} holds only adapter_model.bin (pickle, which can run code); "
-                "lorakit loads safetensors only: re-save it with save_pretrained(safe_serialization=True)"
-            )
-        raise ModelError(f"adapter: {path} holds no adapter_model.safetensors (nor a lorakit int8 {INT8_WEIGHTS})")
+    folder (adapter_model.int8.safetensors); never pickle files. What can be checked without the
+    model is, so a bad folder fails before any model loads: the config is a JSON object whose
+    ranks the weights can hold, the weights file's header reads, the recorded base model and
+    template are usable."""
+    path = _adapter_layout(adapter)
+    config = _config_json(path)
+    weights = path / (FLOAT_WEIGHTS if (path / FLOAT_WEIGHTS).is_file() else INT8_WEIGHTS)
+    shapes = _weight_shapes(weights)
+    if config.get("peft_type", "LORA") == "LORA":
+        _check_ranks(path / ADAPTER_CONFIG, config, weights, shapes)
+    _check_records(path, config)
     return path
+
+
+def _adapter_layout(adapter: str | Path) -> Path:
+    """The folder holds a config and safetensors weights (the cheap part of check_adapter_dir)."""
+    path = Path(adapter)
+    try:
+        if not path.is_dir():
+            raise ModelError(f"adapter: {path} is not a folder")
+        if not (path / ADAPTER_CONFIG).is_file():
+            raise ModelError(f"adapter: {path} holds no adapter_config.json (is it a lorakit/peft adapter folder?)")
+        if not (path / FLOAT_WEIGHTS).is_file() and not (path / INT8_WEIGHTS).is_file():
+            if (path / PICKLE_WEIGHTS).is_file():
+                raise ModelError(
+                    f"adapter: {path} holds only adapter_model.bin (pickle, which can run code); "
+                    "lorakit loads safetensors only: re-save it with save_pretrained(safe_serialization=True)"
+                )
+            raise ModelError(f"adapter: {path} holds no adapter_model.safetensors (nor a lorakit int8 {INT8_WEIGHTS})")
+    except OSError as e:  # a name too long for the file system, a folder that cannot be searched
+        raise ModelError(f"adapter: {path}: {e.strerror or e}") from None
+    return path
+
+
+def _config_json(folder: Path) -> dict:
+    file = folder / ADAPTER_CONFIG
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: not UTF-8, not JSON, a 5000-digit number
+        if isinstance(e, RecursionError):
+            reason = "lists or objects nested too deeply"
+        elif "integer string conversion" in str(e):
+            reason = f"a number with more than {sys.get_int_max_str_digits()} digits"
+        else:
+            reason = _first_line(e)
+        raise ModelError(f"adapter: {file} is not a valid peft adapter config: {reason}") from None
+    if not isinstance(config, dict):
+        raise ModelError(f"adapter: {file} is not a valid peft adapter config: a JSON object is needed")
+    return config
+
+
+def _weight_shapes(weights: Path) -> dict[str, tuple[int, ...]]:
+    """Every tensor's shape, from the safetensors header (the data is not read)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(weights), "pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 - safe_open is no dict
+    except Exception as e:  # safetensors raises its own SafetensorError (truncated, not safetensors at all)
+        if weights.name == INT8_WEIGHTS:  # as quantize.read_int8_adapter words it
+            raise ModelError(
+                f"adapter: {weights} is not a valid lorakit int8 adapter (unreadable: {_first_line(e)[:160]}); "
+                "quantize the float adapter again with: lorakit adapter quantize"
+            ) from None
+        raise ModelError(f"adapter: {weights} is not a readable safetensors file: {_first_line(e)}") from None
+
+
+def _check_ranks(file: Path, config: dict, weights: Path, shapes: dict) -> None:
+    """The ranks the config asks for fit the LoRA matrices in the weights file: peft makes every
+    layer's matrices from the config before it reads a weight, so a corrupt or foreign rank
+    (r: 100000000) would take all memory before the mismatch shows."""
+    pattern = config.get("rank_pattern") or {}
+    if not isinstance(pattern, dict):
+        raise ModelError(f"adapter: {file}: 'rank_pattern' must be an object {{module pattern: rank}}")
+    ranks = {"'r'": config.get("r", 8), **{f"rank_pattern[{k!r}]": v for k, v in pattern.items()}}
+    for where, rank in ranks.items():
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+            shown = _first_line(ValueError(repr(rank)))[:60]
+            raise ModelError(f"adapter: {file}: {where} must be a positive whole number (a LoRA rank), got {shown}")
+    # A guard against memory, not a shape check (peft's own load names a mismatch): no rank above
+    # the largest dimension of the adapted layers (the file's non-empty LoRA matrices), or 1024.
+    largest = max((max(s) for k, s in shapes.items() if _LORA_MATRIX.search(k) and s and math.prod(s)), default=0)
+    if not largest:
+        raise ModelError(f"adapter: {weights} holds no LoRA matrices (lora_A, lora_B), which {file.name} asks for")
+    for where, rank in ranks.items():
+        if rank > max(largest, _ANY_RANK):
+            raise ModelError(
+                f"adapter: {file}: {where} is {rank}, above every dimension of the LoRA matrices in "
+                f"{weights.name} ({largest}); the config and the weights do not belong together"
+            )
+
+
+def _check_records(folder: Path, config: dict) -> None:
+    """The base model and template the folder records can be used (generate and serve take them)."""
+    from ..data.templates import recorded_template
+
+    recorded = {ADAPTER_CONFIG: config, MANIFEST: _json_object(folder / MANIFEST)}
+    for name, keys in ((ADAPTER_CONFIG, ("base_model_name_or_path",)), (MANIFEST, ("base_model", "base_model_path"))):
+        for key in keys:
+            value = (recorded[name] or {}).get(key)
+            if value is not None and not isinstance(value, str):
+                raise ModelError(f"adapter: {folder / name}: '{key}' must be a string (a model), got {_type(value)}")
+    try:
+        recorded_base_model(folder)
+    except (OSError, ValueError, RecursionError) as e:  # a name too long for the file system; a nested manifest
+        reason = "its manifest is nested too deeply" if isinstance(e, RecursionError) else _first_line(e)
+        raise ModelError(f"adapter: {folder}: its recorded base model is no usable path ({reason})") from None
+    recorded_template(folder)  # its record, its run's, or the one its run's config names: a ConfigError naming it
+
+
+def _json_object(path: Path) -> dict | None:
+    """A JSON object file as runfolder reads it: None when missing or unreadable."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _type(value) -> str:
+    return {type(None): "null", dict: "object"}.get(type(value), type(value).__name__)
 
 
 def adapter_format(path: str | Path) -> str:
     """``"safetensors"`` (a float peft adapter) or ``"int8"`` (lorakit's quantized folder).
     A folder holding both files is read as the float adapter, as plain peft would."""
-    folder = check_adapter_dir(path)
+    folder = _adapter_layout(path)
     return "safetensors" if (folder / FLOAT_WEIGHTS).is_file() else "int8"
 
 
 def adapter_weights_file(path: str | Path) -> Path:
     """The weights file the folder's format loads from."""
-    folder = check_adapter_dir(path)
+    folder = _adapter_layout(path)
     return folder / (FLOAT_WEIGHTS if adapter_format(folder) == "safetensors" else INT8_WEIGHTS)
 
 
@@ -73,8 +185,10 @@ def adapter_param_count(path: str | Path) -> int:
 
 
 def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return (text[0] if text else type(e).__name__)[:200]
+    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].endswith(":"):  # torch: "Error(s) in loading state_dict for X:", then the first
+        lines = [f"{lines[0]} {lines[1]}"]
+    return (lines[0] if lines else type(e).__name__)[:300]
 
 
 def _check_adapter_name(name) -> None:
@@ -116,7 +230,6 @@ def _read_config(folder: Path):
 
 def _key_mapped(state: dict, model) -> dict:
     """Apply the model's checkpoint key mapping as peft's load_peft_weights does."""
-    import re
 
     mapping = getattr(base_model_of(model), "_checkpoint_conversion_mapping", None)
     if not mapping:
@@ -139,11 +252,10 @@ def _key_mapped(state: dict, model) -> dict:
 
 
 def _check_load_result(result, adapter_name: str) -> None:
-    missing = [
-        k
-        for k in getattr(result, "missing_keys", [])
-        if ("lora_" in k or "modules_to_save" in k) and (f".{adapter_name}." in k or k.endswith(f".{adapter_name}"))
-    ]
+    # this adapter's own weights only: the name right after lora_A / lora_B / ... / modules_to_save
+    # (not anywhere in the key: an adapter named "0" is not "layers.0.", found by schemathesis)
+    own = re.compile(rf"\.(lora_[A-Za-z_]+|modules_to_save)\.{re.escape(adapter_name)}(\.|$)")
+    missing = [k for k in getattr(result, "missing_keys", []) if own.search(k)]
     unexpected = list(getattr(result, "unexpected_keys", []))
     if unexpected or missing:
         detail = []
@@ -166,12 +278,14 @@ def load_adapter(model, path: str | Path, adapter_name: str):
 
     An adapter that does not fit the base (target modules it lacks, other shapes, weights with
     no place in the model) raises ModelError with one line; the model is left as it was."""
-    folder = check_adapter_dir(path)
+    folder = check_adapter_dir(path)  # before the model is touched: config, weights header, ranks
     fmt = adapter_format(folder)
     _check_adapter_name(adapter_name)
     was_peft = _is_peft_model(model)
     if was_peft and adapter_name in model.peft_config:
         raise ModelError(f"adapter name {adapter_name!r} is already loaded; unload it first or choose another name")
+    from safetensors import SafetensorError
+
     config = _read_config(folder)
     state = None
     if fmt == "int8":
@@ -206,10 +320,10 @@ def load_adapter(model, path: str | Path, adapter_name: str):
                 result = set_peft_model_state_dict(peft_model, state, adapter_name=adapter_name)
             _check_load_result(result, adapter_name)
     except ModelError:
-        _roll_back(peft_model, adapter_name, was_peft, added)
+        _roll_back(peft_model if peft_model is not None else model, adapter_name, was_peft, added)
         raise
-    except (ValueError, KeyError, RuntimeError, TypeError, AttributeError) as e:
-        _roll_back(peft_model, adapter_name, was_peft, added)
+    except (ValueError, KeyError, RuntimeError, TypeError, AttributeError, SafetensorError) as e:
+        _roll_back(peft_model if peft_model is not None else model, adapter_name, was_peft, added)
         raise ModelError(f"adapter {folder} does not fit base model {base_name}: {_first_line(e)}") from None
     if was_peft and not had_adapters:  # the model had no adapter left: this one becomes active
         peft_model.set_adapter(adapter_name, inference_mode=True)
@@ -224,18 +338,40 @@ def base_model_of(model):
     return model.base_model.model if _is_peft_model(model) else model
 
 
-def _roll_back(peft_model, adapter_name: str, was_peft: bool, added: bool) -> None:
-    """Undo a failed load: remove the half-loaded adapter (or the LoRA layers from a plain model)."""
-    if peft_model is None:
-        return
+def _roll_back(model, adapter_name: str, was_peft: bool, added: bool) -> None:
+    """Undo a failed load: remove the half-loaded adapter (or the LoRA layers from a plain model,
+    also when peft failed halfway through wrapping it, before a PeftModel existed)."""
     try:
         if was_peft:
-            if added and adapter_name in peft_model.peft_config:
-                peft_model.delete_adapter(adapter_name)
+            if added and adapter_name in model.peft_config:
+                model.delete_adapter(adapter_name)
+        elif _is_peft_model(model):
+            model.base_model.unload()  # restores the plain model's original modules in place
         else:
-            peft_model.base_model.unload()  # restores the plain model's original modules in place
+            _strip_adapter_layers(model)
     except Exception:
         pass
+
+
+def _strip_adapter_layers(model) -> None:
+    """Put back the original module wherever peft replaced one (as peft's unload does)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    done: list[str] = []
+    for name, module in list(model.named_modules()):
+        if not name or any(name.startswith(f"{d}.") for d in done):
+            continue
+        if hasattr(module, "unload_and_optionally_merge_module"):  # modules_to_save, trainable tokens
+            original = module.unload_and_optionally_merge_module(merge=False, safe_merge=False, adapter_names=None)
+        elif isinstance(module, BaseTunerLayer):
+            original = module.get_base_layer()
+        else:
+            continue
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, original)
+        done.append(name)
+    if hasattr(model, "peft_config"):
+        del model.peft_config
 
 
 def unload_adapter(model, adapter_name: str) -> None:

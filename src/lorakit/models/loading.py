@@ -30,15 +30,19 @@ def _looks_like_hub_id(name: str) -> bool:
 def resolve_model_path(base_model: str) -> str:
     """A local model folder, a .gguf file (converted once), an alias (pulled once) or a hub id."""
     aliases = ", ".join(ALIASES)
-    path = Path(base_model).expanduser()
-    if path.is_dir():
+    try:
+        path = Path(base_model).expanduser()
+        is_dir, is_file = path.is_dir(), path.is_file()
+    except (OSError, RuntimeError) as e:  # a name too long for the file system; ~user of no user
+        raise ModelError(f"{base_model!r} is not a usable path ({getattr(e, 'strerror', None) or e})") from None
+    if is_dir:
         if (path / "config.json").is_file():
             return str(path)
         raise ModelError(
             f"{path} is a folder but holds no config.json; point base_model at a Hugging Face "
             f"model folder, a .gguf file or a built-in alias ({aliases})"
         )
-    if path.is_file():
+    if is_file:
         if path.suffix.lower() == ".gguf":
             return str(pull(str(path)))
         raise ModelError(
