@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -24,8 +23,4 @@ def live_server(tiny_model_dir, adapters_dir, tmp_path_factory):
     log = tmp_path_factory.mktemp("serve-log") / "serve.log"
     server = start_server(tiny_model_dir, adapters_dir, log, "--max-batch-size", "8")
     yield server
-    server.proc.terminate()
-    try:
-        server.proc.wait(20)
-    except subprocess.TimeoutExpired:
-        server.proc.kill()
+    server.stop()

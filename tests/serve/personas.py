@@ -83,6 +83,13 @@ class LiveServer:
     def headers(self) -> dict:
         return {"Authorization": f"Bearer {self.key}"}
 
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
     def openai(self, **kw):
         import openai
 

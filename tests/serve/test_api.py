@@ -249,8 +249,8 @@ HOSTILE = [
         400,
         None,
     ),
-    ("traversal", "POST", "/v1/adapters", {"name": "evil", "path": "../../etc"}, 400, "path_outside_adapters_dir"),
-    ("absolute path", "POST", "/v1/adapters", {"name": "evil", "path": "/etc"}, 400, "path_outside_adapters_dir"),
+    ("traversal", "POST", "/v1/adapters", {"name": "evil", "path": "../../etc"}, 403, "path_outside_adapters_dir"),
+    ("absolute path", "POST", "/v1/adapters", {"name": "evil", "path": "/etc"}, 403, "path_outside_adapters_dir"),
     ("missing adapter", "POST", "/v1/adapters", {"name": "evil", "path": "nope"}, 404, "adapter_not_found"),
     ("bad adapter name", "POST", "/v1/adapters", {"name": "../x", "path": "fox"}, 422, None),
     ("name taken", "POST", "/v1/adapters", {"name": "fox", "path": "dog"}, 409, "model_exists"),
@@ -284,7 +284,7 @@ def test_symlink_out_of_the_adapters_dir_and_pickle_adapters_are_refused(loaded,
     (outside).mkdir()
     (adapters_dir / "sneaky").symlink_to(outside, target_is_directory=True)
     r = httpx.post(loaded.url + "/v1/adapters", json={"name": "sneaky", "path": "sneaky"}, headers=loaded.headers())
-    assert r.status_code == 400 and r.json()["error"]["code"] == "path_outside_adapters_dir"
+    assert r.status_code == 403 and r.json()["error"]["code"] == "path_outside_adapters_dir"
     pickled = adapters_dir / "pickled"
     pickled.mkdir()
     (pickled / "adapter_config.json").write_text((adapters_dir / "fox" / "adapter_config.json").read_text())

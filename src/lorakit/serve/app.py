@@ -20,11 +20,24 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from ..errors import LorakitError
 from .engine import Engine, EngineError, Request
 from .metrics import Metrics
-from .protocol import ERROR_RESPONSES, AdapterLoadRequest, ChatCompletionRequest, CompletionRequest
+from .protocol import (
+    ERROR_RESPONSES,
+    AdapterDeleted,
+    AdapterLoadRequest,
+    ChatCompletion,
+    ChatCompletionRequest,
+    Completion,
+    CompletionRequest,
+    Health,
+    ModelCard,
+    ModelList,
+    completion_responses,
+)
 
 log = logging.getLogger("lorakit.serve")
 
@@ -113,12 +126,18 @@ def resolve_adapter_path(root: Path | None, path: str) -> Path:
     if "\x00" in path:
         raise EngineError("path: not a valid path", 400, "invalid_path", "path")
     root = root.resolve()
-    target = Path(os.path.realpath(root / path))  # symlinks resolved: a link out of root is refused too
+    try:
+        target = Path(os.path.realpath(root / path))  # symlinks resolved: a link out of root is refused too
+        is_dir = target.is_dir()
+    except OSError as e:  # a name too long for the filesystem, a loop of links (found by schemathesis)
+        raise EngineError(
+            f"path: no adapter folder there ({e.strerror or e})", 404, "adapter_not_found", "path"
+        ) from None
     if target != root and root not in target.parents:
         raise EngineError(
-            "path: must name a folder inside the server's adapters directory", 400, "path_outside_adapters_dir", "path"
+            "path: must name a folder inside the server's adapters directory", 403, "path_outside_adapters_dir", "path"
         )
-    if not target.is_dir():
+    if not is_dir:
         raise EngineError(
             f"path: no adapter folder '{path}' in the adapters directory", 404, "adapter_not_found", "path"
         )
@@ -162,7 +181,18 @@ def create_app(
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request, exc: StarletteHTTPException):
-        return error_response(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))  # 405: Allow
+        headers = getattr(exc, "headers", None)
+        if exc.status_code == 405:  # Allow: every method of the path (Starlette names only the first route's)
+            headers = {**(headers or {}), "Allow": ", ".join(allowed_methods(request.scope))}
+        return error_response(exc.status_code, str(exc.detail), headers=headers)
+
+    def allowed_methods(scope) -> list[str]:
+        methods: set[str] = set()
+        for route in app.router.routes:
+            match, _ = route.matches(scope)
+            if match != Match.NONE:
+                methods |= getattr(route, "methods", None) or set()
+        return sorted(methods)
 
     @app.exception_handler(Exception)
     async def _unexpected(request, exc: Exception):
@@ -206,7 +236,7 @@ def create_app(
             await self.inner(scope, receive, send_and_count)
 
     # ---- endpoints -------------------------------------------------------------------------
-    @app.get("/health")
+    @app.get("/health", response_model=Health)
     async def health():
         return {
             "status": "ok",
@@ -234,17 +264,17 @@ def create_app(
 
     engine_started = time.time()
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", response_model=ModelList)
     async def list_models():
         return {"object": "list", "data": [model_card(n) for n in engine.model_names()]}
 
-    @app.get("/v1/models/{name}")
+    @app.get("/v1/models/{name}", response_model=ModelCard)
     async def get_model(name: str):
         if name not in engine.model_names():
             raise EngineError(f"The model '{name}' does not exist", 404, "model_not_found", "model")
         return model_card(name)
 
-    @app.post("/v1/adapters")
+    @app.post("/v1/adapters", response_model=ModelCard)
     async def load_adapter(body: AdapterLoadRequest):
         path = resolve_adapter_path(root, body.path)
         try:
@@ -255,26 +285,18 @@ def create_app(
             raise EngineError(str(e), 400, "invalid_adapter", "path") from None
         return model_card(body.name)
 
-    @app.get("/v1/adapters")
+    @app.get("/v1/adapters", response_model=ModelList)
     async def list_adapters():
         return {"object": "list", "data": [model_card(n) for n in engine.model_names()[1:]]}
 
-    @app.delete("/v1/adapters/{name}")
+    @app.delete("/v1/adapters/{name}", response_model=AdapterDeleted)
     async def unload_adapter(name: str):
         if name == engine.base_name:
             raise EngineError("the base model cannot be unloaded", 400, "base_model", "name")
         await asyncio.to_thread(engine.unload_adapter, name)
         return {"id": name, "object": "model", "deleted": True}
 
-    @app.post(
-        "/v1/chat/completions",
-        responses={
-            200: {
-                "content": {"text/event-stream": {"schema": {"type": "string"}}},
-                "description": "JSON, or server-sent events with stream: true",
-            }
-        },
-    )
+    @app.post("/v1/chat/completions", responses=completion_responses(ChatCompletion))
     async def chat_completions(body: ChatCompletionRequest, http: HTTPRequest):
         check_model(body.model)
         messages = [("system" if m.role == "developer" else m.role, m.text()) for m in body.messages]
@@ -282,15 +304,7 @@ def create_app(
         max_tokens = body.max_completion_tokens or body.max_tokens
         return await run(body, ids, max_tokens, http, chat=True)
 
-    @app.post(
-        "/v1/completions",
-        responses={
-            200: {
-                "content": {"text/event-stream": {"schema": {"type": "string"}}},
-                "description": "JSON, or server-sent events with stream: true",
-            }
-        },
-    )
+    @app.post("/v1/completions", responses=completion_responses(Completion))
     async def completions(body: CompletionRequest, http: HTTPRequest):
         check_model(body.model)
         return await run(
@@ -307,9 +321,11 @@ def create_app(
             raise EngineError(f"The model '{name}' does not exist", 404, "model_not_found", "model")
 
     async def run(body, ids: list[int], max_tokens: int | None, http: HTTPRequest, *, chat: bool, echo: str = ""):
-        max_tokens = max_tokens or DEFAULT_MAX_TOKENS
-        if max_tokens > engine.max_tokens_limit:
-            raise EngineError(f"max_tokens: at most {engine.max_tokens_limit} on this server", 422, param="max_tokens")
+        for key in ("max_tokens", "max_completion_tokens"):  # each one given, even the one not used
+            given = getattr(body, key, None)
+            if given is not None and given > engine.max_tokens_limit:
+                raise EngineError(f"{key}: at most {engine.max_tokens_limit} on this server", 422, param=key)
+        max_tokens = max_tokens or min(DEFAULT_MAX_TOKENS, engine.max_tokens_limit)  # within --max-tokens-limit
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
 
@@ -438,6 +454,28 @@ def create_app(
             if not req.finished:
                 req.cancel()  # the client went away: its row stops at the next step
 
+    def openapi() -> dict:
+        """FastAPI's schema, with the model names this server answers to right now as examples."""
+        app.openapi_schema = None  # adapters come and go: built anew on each request (a few ms)
+        schema = FastAPI.openapi(app)
+        names = engine.model_names()
+        for body in ("ChatCompletionRequest", "CompletionRequest"):
+            fields = schema["components"]["schemas"][body]["properties"]
+            fields["model"]["examples"] = names
+            for key in ("max_tokens", "max_completion_tokens"):  # this server's --max-tokens-limit
+                if key in fields:
+                    fields[key]["anyOf"][0]["maximum"] = engine.max_tokens_limit
+        for path in ("/v1/models/{name}", "/v1/adapters/{name}"):
+            for operation in schema["paths"][path].values():
+                for param in operation.get("parameters", []):
+                    param["schema"]["examples"] = names if path.startswith("/v1/models") else names[1:] or ["support"]
+        if root is not None and root.is_dir():  # the folders a POST /v1/adapters can name
+            folders = sorted(p.name for p in root.iterdir() if p.is_dir())[:20]
+            if folders:
+                schema["components"]["schemas"]["AdapterLoadRequest"]["properties"]["path"]["examples"] = folders
+        return schema
+
+    app.openapi = openapi
     if max_body_bytes:
         app.add_middleware(BodyLimit, limit=max_body_bytes)
     app.add_middleware(AuthAndCount)  # outermost: no body is read for a request without the key

@@ -99,12 +99,15 @@ class AdapterInfo:
     unloading: bool = False
 
 
+_GREEDY_BELOW = 1e-5  # a temperature under this is greedy, as in vLLM
+
+
 def _pick_tokens(logits: torch.Tensor, rows: list[Request]) -> torch.Tensor:
     """One next token per row: argmax for greedy rows; temperature / top-p sampling with the
     request's own seeded generator for the others."""
     tokens = logits.argmax(-1)
     for i, r in enumerate(rows):
-        if r.temperature <= 0:
+        if r.temperature < _GREEDY_BELOW:  # 5e-324 is 0.0 in float32: logits / 0 would be inf
             continue
         if r.generator is None:
             r.generator = torch.Generator(device=logits.device)
@@ -112,7 +115,8 @@ def _pick_tokens(logits: torch.Tensor, rows: list[Request]) -> torch.Tensor:
         probs = torch.softmax(logits[i].float() / r.temperature, dim=-1)
         if r.top_p < 1.0:
             sorted_probs, order = probs.sort(descending=True)
-            keep = sorted_probs.cumsum(-1) - sorted_probs < r.top_p  # the top token is always kept
+            keep = sorted_probs.cumsum(-1) - sorted_probs < r.top_p
+            keep[0] = True  # the top token, always (a top_p of 5e-324 is 0.0 in float32; found by schemathesis)
             probs = torch.zeros_like(probs).scatter(0, order, torch.where(keep, sorted_probs, 0.0))
         tokens[i] = torch.multinomial(probs, 1, generator=r.generator)[0]
     return tokens
