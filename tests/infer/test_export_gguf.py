@@ -76,6 +76,7 @@ def _prompts(adapter, n=8):
     return verification_set(adapter, None, n)
 
 
+@pytest.mark.heavy  # llama.cpp conversion and its check, 15-25 s each: the heavy step of .ci/run
 def test_f16_export_verifies_and_carries_the_training_template(adapter, gguf_model, tmp_path):
     from transformers import AutoTokenizer
 
@@ -116,6 +117,7 @@ def test_q4_k_m_is_smaller_and_only_reported(adapter, tmp_path, capfd):
     assert "llama_model_quantize_impl" not in capfd.readouterr().err
 
 
+@pytest.mark.heavy  # llama.cpp conversion and its check, 15-25 s each: the heavy step of .ci/run
 def test_gguf_lora_exports_and_verifies(adapter, tmp_path):
     out = tmp_path / "lora"
     record = export_gguf_lora(adapter, out, vset=_prompts(adapter), new_tokens=NEW_TOKENS)
@@ -138,6 +140,7 @@ def test_dora_is_refused(adapter, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.heavy  # llama.cpp conversion and its check, 15-25 s each: the heavy step of .ci/run
 def test_a_failed_check_keeps_the_file_marked_unverified(adapter, tmp_path, monkeypatch):
     real = gguf_mod.llama_cpp_answers
 

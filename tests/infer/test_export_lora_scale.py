@@ -238,6 +238,7 @@ def _compare(want, got) -> tuple[float, float]:
 
 
 @pytest.mark.skipif(NO_LLAMA_CPP is not None, reason=f"{NO_LLAMA_CPP}")
+@pytest.mark.heavy  # llama.cpp conversion and its logits, about 20 s: the heavy step of .ci/run
 def test_llama_cpp_logits_match_peft_only_when_folded(gguf_model, tmp_path):
     from transformers import AutoTokenizer
 

@@ -33,10 +33,15 @@ REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "examples"
 TOLERANCE = 1e-6
 
-pytestmark = pytest.mark.skipif(
-    not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
-    reason="needs torch.distributed with the gloo backend",
-)
+pytestmark = [
+    pytest.mark.skipif(
+        not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
+        reason="needs torch.distributed with the gloo backend",
+    ),
+    # two-process runs (torchrun, accelerate launch): about 90 s, in the heavy step of .ci/run so
+    # that the README's command keeps its margin with the fuzz, fault and soak tests in it
+    pytest.mark.heavy,
+]
 
 
 def _lorakit_script() -> list[str]:
