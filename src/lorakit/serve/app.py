@@ -23,6 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from ..errors import LorakitError
+from ..runfolder import ADAPTER_CONFIG, ADAPTER_WEIGHTS, INT8_WEIGHTS
 from .engine import Engine, EngineError, Request
 from .metrics import Metrics
 from .protocol import (
@@ -469,8 +470,12 @@ def create_app(
             for operation in schema["paths"][path].values():
                 for param in operation.get("parameters", []):
                     param["schema"]["examples"] = names if path.startswith("/v1/models") else names[1:] or ["support"]
-        if root is not None and root.is_dir():  # the folders a POST /v1/adapters can name
-            folders = sorted(p.name for p in root.iterdir() if p.is_dir())[:20]
+        if root is not None and root.is_dir():  # the adapter folders a POST /v1/adapters can name
+            folders = sorted(
+                p.name
+                for p in root.iterdir()
+                if (p / ADAPTER_CONFIG).is_file() and any((p / w).is_file() for w in (ADAPTER_WEIGHTS, INT8_WEIGHTS))
+            )[:20]
             if folders:
                 schema["components"]["schemas"]["AdapterLoadRequest"]["properties"]["path"]["examples"] = folders
         return schema
