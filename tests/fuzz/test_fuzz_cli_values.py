@@ -106,27 +106,53 @@ floats = st.one_of(st.floats(), st.sampled_from([0.0, -0.0, 1.0, 1e-320, float("
 ints = st.one_of(st.integers(-(2**40), 2**40), st.sampled_from([0, 1, -1, 2**63]))
 
 
-def _generation_ok(temperature, top_p, top_k, num_beams, max_new_tokens) -> bool:
-    """The documented domain (lorakit generate --help, cli._params)."""
-    return not (temperature < 0 or not (0 < top_p <= 1) or top_k < 0 or num_beams < 1 or max_new_tokens < 1)
+def _generation_ok(temperature, top_p, top_k, num_beams, max_new_tokens, penalty) -> bool:
+    """The documented domain (lorakit generate --help, cli._params); NaN is out of every range."""
+    return (
+        temperature >= 0
+        and 0 < top_p <= 1
+        and top_k >= 0
+        and num_beams >= 1
+        and max_new_tokens >= 1
+        and 0 < penalty < float("inf")
+    )
 
 
-@given(t=floats, p=floats, k=ints, beams=ints, new=ints, command=st.sampled_from(["generate", "chat"]))
-@example(t=-1.0, p=1.0, k=50, beams=1, new=8, command="generate")
-@example(t=0.0, p=0.0, k=50, beams=1, new=8, command="chat")
-@example(t=0.0, p=float("nan"), k=50, beams=1, new=8, command="generate")
-def test_generation_numbers(t, p, k, beams, new, command, env):
+@given(t=floats, p=floats, k=ints, beams=ints, new=ints, penalty=floats, command=st.sampled_from(["generate", "chat"]))
+@example(t=-1.0, p=1.0, k=50, beams=1, new=8, penalty=1.0, command="generate")
+@example(t=0.0, p=0.0, k=50, beams=1, new=8, penalty=1.0, command="chat")
+@example(t=0.0, p=float("nan"), k=50, beams=1, new=8, penalty=1.0, command="generate")
+@example(t=float("nan"), p=1.0, k=50, beams=1, new=8, penalty=1.0, command="generate")
+@example(t=0.0, p=1.0, k=50, beams=1, new=8, penalty=0.0, command="generate")
+def test_generation_numbers(t, p, k, beams, new, penalty, command, env):
     """Out of range: the generation line. In range: the next check (the adapter), so nothing loads."""
     args = [f"--temperature={t!r}", f"--top-p={p!r}", f"--max-new-tokens={new}", "--adapter", NO_ADAPTER]
     if command == "generate":
-        args = ["q", f"--top-k={k}", f"--num-beams={beams}", *args]
+        args = ["q", f"--top-k={k}", f"--num-beams={beams}", f"--repetition-penalty={penalty!r}", *args]
     else:
-        k, beams = 50, 1
+        k, beams, penalty = 50, 1, 1.0
     code, err = run(command, *args)
-    if _generation_ok(t, p, k, beams, new):
+    if _generation_ok(t, p, k, beams, new, penalty):
         one_error_line(code, err, f"adapter: {NO_ADAPTER} is not a folder")
     else:
         one_error_line(code, err, "generation: need temperature >= 0, 0 < top-p <= 1")
+
+
+@given(batch=ints, new=ints, limit=st.none() | ints)
+@example(batch=0, new=8, limit=None)  # was a ValueError traceback (range() step 0) after the model loaded
+@example(batch=8, new=0, limit=None)
+@example(batch=8, new=8, limit=-1)
+def test_eval_numbers(batch, new, limit, env, tmp_path_factory):
+    """Out of range: one line naming the flag, before any model loads; in range: the base's line."""
+    data = tmp_path_factory.getbasetemp() / "eval-data.json"
+    data.write_text('[{"instruction": "hi", "output": "there"}]')
+    out = tmp_path_factory.getbasetemp() / "eval-never-made"
+    numbers = {"--batch-size": batch, "--max-new-tokens": new, "--limit": limit}
+    given_ = [f"{flag}={v}" for flag, v in numbers.items() if v is not None]
+    code, err = run("eval", "--data", data, "--out", out, "--base", NO_ADAPTER, *given_)
+    bad = [flag for flag, v in numbers.items() if v is not None and v < 1]
+    one_error_line(code, err, bad[0] if bad else NO_ADAPTER)
+    assert not out.exists()
 
 
 # found by this fuzzing: was a ValueError traceback from transformers after the model loaded
