@@ -2,7 +2,8 @@
 
 Starts `lorakit serve` as a user would (a subprocess, 127.0.0.1 only, an API key), with K random
 LoRA adapters (rank 8 on all linear layers) loaded through POST /v1/adapters and one more, "churn",
-loaded and unloaded every --churn-seconds by a thread of its own. Then --clients threads send
+loaded and unloaded every --churn-seconds by a thread of its own (and, with --churn-requests N, also
+every N finished requests, so a fast machine cannot finish before any churn happened). Then --clients threads send
 --requests requests over the base and the adapters (the churn adapter too, while it may be gone):
 chat and plain completions, streamed and not, greedy and sampled, and some of them cancelled on
 purpose (a stream closed after its first chunks, a non-streamed request dropped by a short client
@@ -80,6 +81,7 @@ class Soak:
         self.stop = threading.Event()
         self.churn_loaded = False
         self.churn_cycles = 0
+        self.churn_lock = threading.Lock()
 
     # ---- one request ---------------------------------------------------------------------------
     def body(self, rng: random.Random, model: str, prompt: str, chat: bool, greedy: bool, stream: bool) -> dict:
@@ -160,6 +162,7 @@ class Soak:
                 elapsed = time.perf_counter() - t0
                 with self.lock:
                     self.done += 1
+                    churn_due = self.args.churn_requests > 0 and self.done % self.args.churn_requests == 0
                     if outcome == "answer":
                         self.outcomes["answer"] += 1
                         self.latencies.append(elapsed)
@@ -185,26 +188,33 @@ class Soak:
                             file=sys.stderr,
                             flush=True,
                         )
+                if churn_due:  # on a fast machine the timer alone may never fire within the run
+                    self.toggle_churn(client)
+
+    def toggle_churn(self, client) -> None:
+        """Load the churn adapter if it is gone, unload it if it is there (one toggle at a time)."""
+        with self.churn_lock:
+            if not self.churn_loaded:
+                churn = {"name": "churn", "path": "churn"}
+                r = client.post(self.url + "/v1/adapters", json=churn, headers=self.headers, timeout=600)
+                if r.status_code != 200:
+                    self.unexpected.append(f"load churn: {r.status_code} {r.text[:200]}")
+                    return
+                self.churn_loaded = True
+            else:
+                self.churn_loaded = False  # clients stop choosing it; requests in flight finish first
+                r = client.delete(self.url + "/v1/adapters/churn", headers=self.headers, timeout=600)
+                if r.status_code != 200:
+                    self.unexpected.append(f"unload churn: {r.status_code} {r.text[:200]}")
+                    return
+                self.churn_cycles += 1
 
     def churn_loop(self) -> None:
         import httpx
 
         with httpx.Client(timeout=600) as client:
             while not self.stop.wait(self.args.churn_seconds):
-                if not self.churn_loaded:
-                    churn = {"name": "churn", "path": "churn"}
-                    r = client.post(self.url + "/v1/adapters", json=churn, headers=self.headers)
-                    if r.status_code != 200:
-                        self.unexpected.append(f"load churn: {r.status_code} {r.text[:200]}")
-                        continue
-                    self.churn_loaded = True
-                else:
-                    self.churn_loaded = False  # clients stop choosing it; requests in flight finish first
-                    r = client.delete(self.url + "/v1/adapters/churn", headers=self.headers)
-                    if r.status_code != 200:
-                        self.unexpected.append(f"unload churn: {r.status_code} {r.text[:200]}")
-                        continue
-                    self.churn_cycles += 1
+                self.toggle_churn(client)
 
     def solo_answers(self) -> dict:
         import httpx
@@ -297,6 +307,12 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--max-batch-size", type=int, default=8)
     ap.add_argument("--churn-seconds", type=float, default=3.0, help="load or unload the churn adapter this often")
+    ap.add_argument(
+        "--churn-requests",
+        type=int,
+        default=0,
+        help="also load or unload it every N finished requests (0: by time only); makes churn independent of speed",
+    )
     ap.add_argument("--cancel-rate", type=float, default=0.1, help="share of requests cancelled by the client")
     ap.add_argument("--greedy-prompts", type=int, default=4, help="prompts of the greedy set checked against solo")
     ap.add_argument("--rss-every", type=int, default=50)

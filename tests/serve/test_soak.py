@@ -1,5 +1,5 @@
 """The soak under churn (bench/serve_soak.py), short: a few hundred requests from 16 clients over
-the tiny model's base and 4 adapters while a fifth is loaded and unloaded every 1.5 s, with
+the tiny model's base and 4 adapters while a fifth is loaded and unloaded every 1.5 s and every 25 requests, with
 cancellations, streaming and not. The long run (3,000 requests on smollm2-135m, figures in
 docs/serving.md) is the same script with its defaults."""
 
@@ -16,7 +16,8 @@ BENCH = Path(__file__).resolve().parents[2] / "bench" / "serve_soak.py"
 def test_short_soak_no_unexpected_error_no_leak_greedy_answers_unchanged(tiny_model_dir, tmp_path):
     out = tmp_path / "soak.json"
     cmd = [sys.executable, str(BENCH), "--base", str(tiny_model_dir), "--requests", "200", "--clients", "16"]
-    cmd += ["--max-tokens", "4", "--churn-seconds", "1.5", "--greedy-prompts", "2", "--rss-every", "20"]
+    cmd += ["--max-tokens", "4", "--churn-seconds", "1.5", "--churn-requests", "25"]
+    cmd += ["--greedy-prompts", "2", "--rss-every", "20"]
     cmd += ["--warmup", "0.2", "--max-seconds", "400", "--out", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert out.exists(), proc.stderr[-4000:]
