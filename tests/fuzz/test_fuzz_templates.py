@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 from fuzzing import (
     any_char,
     dumps,
@@ -25,6 +26,7 @@ from hypothesis import strategies as st
 from lorakit.data.records import Example, Turn
 from lorakit.data.templates import PromptTemplate, load_template, resolve_template, template_for_folder
 from lorakit.errors import ConfigError, LorakitError
+from lorakit.runfolder import CHECKPOINT_PREFIX, CONFIG_RECORD
 
 KEYS = ["prompt_input", "prompt_no_input", "response_split", "stop", "name", "description", "kind", "chat_template"]
 GOOD = {
@@ -134,6 +136,26 @@ def test_adapter_template_record(data, folder):
             continue
         assert template is not None
         check_template(template)
+
+
+@given(name=json_values(max_leaves=3) | some_text | st.sampled_from(["alpaca", "chat", "", " ", "/nope.json"]))
+@example(name=" ")  # found by the long run: a blank name read as a file path, no record named
+@example(name=["alpaca"])  # found by the long run: a list, TypeError deep in the lookup
+def test_adapter_config_record_template_name(name, folder):
+    """A checkpoint without a template record falls back to its run's lorakit_config.yaml; an
+    unusable prompt_template_name there is one error naming that file, never a traceback."""
+    run = fresh_dir(folder / "run")
+    checkpoint = run / f"{CHECKPOINT_PREFIX}4"
+    checkpoint.mkdir()
+    record = run / CONFIG_RECORD
+    record.write_text(yaml.safe_dump({"prompt_template_name": name}), encoding="utf-8")
+    try:
+        template = resolve_template(adapter=checkpoint)
+    except LorakitError as e:
+        assert isinstance(e, ConfigError)
+        user_error_line(e, f"{record}: ")
+        return
+    check_template(template)
 
 
 @given(name=text_of("ab.-_/\x00é ", 1, 8) | st.text(any_char, min_size=1, max_size=40) | st.just("a" * 300))

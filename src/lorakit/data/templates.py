@@ -354,7 +354,15 @@ def recorded_template(folder: str | Path, tokenizer=None) -> PromptTemplate | No
         name = (read_config_record(run) or {}).get("prompt_template_name")
     except RecursionError:  # the one error runfolder's reader lets through
         raise ConfigError(f"{run / CONFIG_RECORD}: lists or mappings nested too deeply") from None
-    return load_template(str(name), tokenizer) if name else None
+    if name is None:
+        return None
+    record = run / CONFIG_RECORD
+    if not isinstance(name, str) or not name.strip():
+        raise ConfigError(f"{record}: prompt_template_name must be a template name or file, not {name!r}")
+    try:
+        return load_template(name, tokenizer)
+    except ConfigError as e:
+        raise ConfigError(f"{record}: {e}") from None
 
 
 def resolve_template(
