@@ -14,6 +14,8 @@ serve, the UI and export only read them, through the functions below. It imports
       train_log.jsonl             one JSON record per log step   TRAIN_LOG
       runs/                       TensorBoard event files        TENSORBOARD_DIR
       checkpoint-N/               Trainer checkpoints            CHECKPOINT_PREFIX
+        lorakit_config.yaml       its run's config (and template record), so a checkpoint
+        lorakit_template.json     says what it was trained with on its own
         lorakit_checkpoint.json   marks a checkpoint complete    CHECKPOINT_MARKER
       eval/report.json            lorakit eval's report          EVAL_DIR, EVAL_REPORT
       lorakit_merge.json          a merged folder's record       MERGE_RECORD

@@ -238,8 +238,14 @@ def train_config(tiny_model_dir, tmp_path):
 
 
 # what a trained adapter folder holds that a failed later run into the same folder must not touch
-# (lorakit_config.yaml and train_log.jsonl belong to the run: overwrite_output_dir starts them anew)
-ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json", "manifest.json", "lorakit_template.json")
+# (train_log.jsonl and the checkpoints belong to the run: overwrite_output_dir starts them anew)
+ADAPTER_FILES = (
+    "adapter_model.safetensors",
+    "adapter_config.json",
+    "manifest.json",
+    "lorakit_template.json",
+    "lorakit_config.yaml",  # the earlier run's record stays with its adapter
+)
 
 
 def adapter_tree(out):
@@ -391,6 +397,44 @@ def test_adapter_save_on_a_full_disk_keeps_the_earlier_adapter(
     else:  # the size known beforehand fitted: the line cannot say how much more it took
         assert f"needs more than the {free['now'] / KIB:.1f} KiB free on" in line, line
     assert adapter_tree(out) == before and leftovers(out) == [] and small_disk.free == free["now"]
+
+
+def test_overwrite_failing_at_the_final_save_leaves_two_consistent_runs(
+    small_disk, trained_before, train_config, run_cli, monkeypatch
+):
+    """overwrite_output_dir on a finished adapter, with checkpoints, then a full disk at the final
+    save: the top level is still the earlier adapter with its own config record, and the new run's
+    checkpoints say on their own what they were trained with (template, base, config)."""
+    import yaml
+
+    from lorakit.data.templates import resolve_template
+    from lorakit.train import recipe
+    from lorakit.ui.inference import adapter_base
+
+    out = small_disk.path / "run"
+    shutil.copytree(trained_before, out)
+    before = adapter_tree(out)
+    save = recipe.save_verified_adapter
+
+    def fill_then_save(*a, **kw):
+        small_disk.leave(4 * KIB)
+        return save(*a, **kw)
+
+    monkeypatch.setattr(recipe, "save_verified_adapter", fill_then_save)
+    args = (f"output_dir={out}", "save_steps=2", "overwrite_output_dir=true", "prompt_template_name=alpaca_short")
+    code, _, err = run_cli("train", train_config, *args)
+    assert code == 2, err[-3000:]
+    assert adapter_tree(out) == before  # the earlier adapter, its config record included
+    assert yaml.safe_load((out / "lorakit_config.yaml").read_text())["prompt_template_name"] == "alpaca"
+    assert resolve_template(adapter=out).name == "alpaca"
+    for step in (2, 4):
+        checkpoint = out / f"checkpoint-{step}"
+        assert (checkpoint / "lorakit_checkpoint.json").is_file()
+        record = yaml.safe_load((checkpoint / "lorakit_config.yaml").read_text())
+        assert record["prompt_template_name"] == "alpaca_short" and record["save_steps"] == 2
+        assert resolve_template(adapter=checkpoint).name == "alpaca_short"
+        assert adapter_base(checkpoint) == record["base_model"]
+    assert leftovers(out) == []
 
 
 # ---- what a kill leaves ---------------------------------------------------------------------------

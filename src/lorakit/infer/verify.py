@@ -131,7 +131,7 @@ def verification_set(adapter_dir: Path, data: str | Path | None = None, n: int =
             raise LorakitError(f"--verify-data: {data} has no instruction records (a user turn to answer)")
         return VerifySet(prompts[:n], f"--verify-data {data}")
     run = run_of(adapter_dir)
-    config = read_config_record(run) or {}
+    config = read_config_record(adapter_dir) or read_config_record(run) or {}  # a checkpoint's own first
     data_path = str(recorded_path(run, config["data_path"], config)) if config.get("data_path") else None
     train = None
     if data_path:

@@ -10,7 +10,7 @@ from pathlib import Path
 from transformers import TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 
-from ..files import append_text, atomic_write_json
+from ..files import append_text, atomic_write_json, atomic_write_text
 from ..runfolder import (  # noqa: F401 - re-exported
     CHECKPOINT_MARKER,
     TRAIN_LOG,
@@ -68,7 +68,14 @@ class CheckpointMarkerCallback(TrainerCallback):
     """Marks a checkpoint complete once the Trainer has written all of it (weights, optimizer,
     scheduler, RNG states, trainer state). transformers writes checkpoint files in place, so a
     process killed mid-save leaves a folder that looks like a checkpoint; resume ignores any
-    checkpoint without this marker."""
+    checkpoint without this marker.
+
+    ``records``: files written into each checkpoint before its marker (the run's config and
+    template records), so a checkpoint says what it was trained with on its own, also in a folder
+    whose top level still holds an earlier run's finished adapter (overwrite_output_dir)."""
+
+    def __init__(self, records: dict[str, str] | None = None):
+        self.records = dict(records or {})
 
     def on_save(self, args, state, control, **kwargs):
         import torch.distributed as dist
@@ -79,6 +86,8 @@ class CheckpointMarkerCallback(TrainerCallback):
             return
         folder = checkpoint_dir(args.output_dir, state.global_step)
         if folder.is_dir():
+            for name, text in self.records.items():
+                atomic_write_text(folder / name, text)
             atomic_write_json(folder / CHECKPOINT_MARKER, {"step": state.global_step, "time": time.time()})
 
 

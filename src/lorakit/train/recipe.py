@@ -369,7 +369,7 @@ class LoraFinetune:
         self.tracker_runs = TrackerRuns()  # keeps the mlflow run open for send_summary
         callbacks = [
             JsonlLogCallback(self.output_dir),
-            CheckpointMarkerCallback(),
+            CheckpointMarkerCallback({CONFIG_RECORD: dump_config(cfg), TEMPLATE_RECORD: self.template.to_json()}),
             LossGuardCallback(cfg.zero_loss_warn_steps, cfg.stop_at_loss),
             self.tracker_runs,
         ]
@@ -545,7 +545,10 @@ class LoraFinetune:
                 (self.output_dir / TRAIN_LOG).unlink(missing_ok=True)
             if self.resume is not None:
                 self._rewind_to(self.resume)
-            atomic_write_text(self.output_dir / CONFIG_RECORD, dump_config(self.cfg))
+            if not (self.cfg.overwrite_output_dir and self.resume is None and (self.output_dir / MANIFEST).is_file()):
+                atomic_write_text(self.output_dir / CONFIG_RECORD, dump_config(self.cfg))
+            # else the top level still holds the earlier run's finished adapter, whose record this is
+            # until the final save replaces them together; this run's checkpoints carry their own
         self.setup_model()
         self.setup_trainer()
         self.train()

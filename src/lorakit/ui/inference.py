@@ -35,6 +35,9 @@ def adapter_base(adapter: str | Path) -> str | None:
     """The base model an adapter (or a run's checkpoint) was trained on."""
     adapter = Path(adapter)
     run = run_of(adapter)
+    own = (read_config_record(adapter) or {}).get("base_model") if adapter != run else None
+    if own:  # a checkpoint records its run's config (the top level may hold an earlier finished run)
+        return str(own)
     if (run / MANIFEST).is_file():
         return recorded_base_model(run)
     base = (read_config_record(run) or {}).get("base_model")
