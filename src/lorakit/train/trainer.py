@@ -11,7 +11,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+import threading
 import time
 from pathlib import Path
 
@@ -19,7 +21,7 @@ import torch
 from transformers import Trainer
 
 from ..errors import LorakitError
-from ..files import DiskFull, bytes_on_disk, space_for
+from ..files import DiskFull, bytes_on_disk, is_disk_full, space_for
 from ..runfolder import CHECKPOINT_MARKER, checkpoint_dir, complete_checkpoints
 
 
@@ -52,6 +54,26 @@ def lora_norms(model) -> dict[str, tuple[float, float, float]]:
     return norms
 
 
+@contextlib.contextmanager
+def _writer_thread_disk_full_said_once():
+    """TensorBoard writes its event file from a thread of its own. On a full disk that thread dies
+    printing its own traceback, and the next TensorBoard call in the training thread raises the
+    same error, which becomes lorakit's one line; so the thread's copy is not printed."""
+    previous = threading.excepthook
+
+    def hook(args):
+        thread = type(args.thread).__name__ if args.thread is not None else ""
+        if thread == "_AsyncWriterThread" and args.exc_value is not None and is_disk_full(args.exc_value):
+            return
+        previous(args)
+
+    threading.excepthook = hook
+    try:
+        yield
+    finally:
+        threading.excepthook = previous
+
+
 class LorakitTrainer(Trainer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -64,7 +86,7 @@ class LorakitTrainer(Trainer):
         self._last_log = (time.perf_counter(), self.tokens_seen)
         try:
             # a full disk anywhere in the run (a checkpoint, train_log.jsonl, TensorBoard's event file)
-            with space_for(self.args.output_dir):
+            with space_for(self.args.output_dir), _writer_thread_disk_full_said_once():
                 return super().train(*args, **kwargs)
         except BaseException as e:
             self._close_progress_bar()  # so the error line that follows starts a line of its own
