@@ -12,12 +12,12 @@ from fault_helpers import SmallDisk
 from random_adapter import make_random_adapter
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A 4 MiB tmpfs mounted at tmp_path/disk for this test (needs root or CAP_SYS_ADMIN)."""
+def _mounted_disk(tmp_path, size: str):
+    """A tmpfs of ``size`` mounted at tmp_path/disk (needs root or CAP_SYS_ADMIN), unmounted after."""
     mnt = tmp_path / "disk"
     mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    cmd = ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)]
+    r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
         pytest.skip(f"cannot mount a small tmpfs here (needs root or CAP_SYS_ADMIN): {r.stderr.strip()}")
     try:
@@ -25,6 +25,18 @@ def small_disk(tmp_path):
     finally:
         if subprocess.run(["umount", str(mnt)], capture_output=True).returncode != 0:
             subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 4 MiB tmpfs for this test."""
+    yield from _mounted_disk(tmp_path, "4m")
+
+
+@pytest.fixture
+def disk_24m(tmp_path):
+    """A 24 MiB tmpfs, for outputs such as a GGUF export that do not fit in 4 MiB."""
+    yield from _mounted_disk(tmp_path, "24m")
 
 
 @pytest.fixture(scope="module")
