@@ -9,7 +9,28 @@ q_proj,v_proj, the alpaca template, EOS appended, micro-batch 4, cutoff_len 256.
 Reported per run: tokens/s (real tokens, padding excluded), peak RSS of the process, and train
 loss (prompt masked for `tuned` and lorakit, so those two are comparable). Ends with one JSON line.
 
-usage: python bench/train_throughput.py [--steps 24] [--repeats 2] [--data FILE] [--skip-seed] [--set KEY=VALUE]
+--peer llamafactory adds LLaMA-Factory (PyPI `llamafactory`, in its own venv: the Python named by
+LORAKIT_LLAMAFACTORY_PYTHON, else ${LORAKIT_LLAMAFACTORY_VENV:-~/.cache/lorakit/llamafactory-venv},
+made by scripts/install-llamafactory.sh) to the same run, its repeats interleaved with the others:
+the same model folder and records (written as an alpaca-format dataset), LoRA r 8 / alpha 16 /
+dropout 0.05 on q_proj,v_proj, its `alpaca` template (prompt masked, its default), cutoff_len 256,
+per-device batch 4, no gradient accumulation, the same max_steps, learning rate and seed, bf16 on
+the CPU (use_cpu, or no_cuda where its transformers has no use_cpu; it loads the weights in the
+model's own fp32 and trains under bf16 autocast, like the tuned recipe), length grouping like the
+other two (so the batches match theirs), no eval, no checkpoints (save_strategy no; it still
+writes the final adapter, its state and metrics files). LLaMA-Factory checkpoints activations by default;
+that is turned off (disable_gradient_checkpointing), as neither the tuned recipe nor lorakit
+recompute them: --peer-set disable_gradient_checkpointing=false measures its default.
+Its tokens/s is num_input_tokens_seen / train_runtime, both from LLaMA-Factory's own Trainer:
+include_num_input_tokens_seen is set to "non_padding", which in transformers 5.x sums the batch's
+attention mask (padding excluded; plain `true` would count padded input_ids.numel()), and
+train_runtime is trainer.train()'s wall time, the same span the tuned recipe times. The count is
+checked against the real tokens of the tokenized records it trained on (one epoch); a mismatch
+fails the run. Its loss is not quite comparable: its alpaca template differs a little (the input
+follows the instruction in one block; "\n\n" after EOS is trained).
+
+usage: python bench/train_throughput.py [--steps 24] [--repeats 3] [--data FILE] [--skip-seed] [--set KEY=VALUE]
+                                        [--peer llamafactory] [--peer-set KEY=VALUE]
 """
 
 from __future__ import annotations
@@ -17,10 +38,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -74,6 +98,132 @@ def lorakit_run(model: str, data: Path, steps: int, micro: int, cutoff: int, wor
     }
 
 
+# Runs inside the peer's venv: LLaMA-Factory's own entry point (run_exp) on the settings in
+# argv[1], with a callback that reads the Trainer's figures; prints one JSON line.
+PEER_LLAMAFACTORY = r"""
+import json, resource, sys
+import llamafactory, torch, transformers
+from llamafactory.train.tuner import run_exp
+from transformers import TrainerCallback, TrainingArguments
+
+args = json.load(open(sys.argv[1]))
+fields = TrainingArguments.__dataclass_fields__
+args["use_cpu" if "use_cpu" in fields else "no_cuda"] = True
+if "train_sampling_strategy" in fields:  # transformers 5.x
+    args["train_sampling_strategy"] = "group_by_length"
+else:
+    args["group_by_length"] = True
+seen = {}
+
+
+class Figures(TrainerCallback):
+    def on_train_begin(self, a, state, control, train_dataloader=None, **kw):
+        seen["dataset_tokens"] = sum(len(r["input_ids"]) for r in train_dataloader.dataset)
+        seen["records"] = len(train_dataloader.dataset)
+
+    def on_train_end(self, a, state, control, **kw):
+        seen["steps"] = state.global_step
+        seen["epoch"] = state.epoch
+        seen["num_input_tokens_seen"] = state.num_input_tokens_seen
+        final = [h for h in state.log_history if "train_runtime" in h][-1]
+        seen["train_runtime"] = final["train_runtime"]
+        seen["train_loss"] = final["train_loss"]
+
+
+run_exp(args, callbacks=[Figures()])
+seen["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+seen["versions"] = {
+    "llamafactory": llamafactory.__version__,
+    "transformers": transformers.__version__,
+    "torch": torch.__version__,
+}
+print(json.dumps(seen))
+"""
+
+
+def peer_python() -> Path | None:
+    """LLaMA-Factory's Python: LORAKIT_LLAMAFACTORY_PYTHON, else the venv of scripts/install-llamafactory.sh."""
+    if os.environ.get("LORAKIT_LLAMAFACTORY_PYTHON"):
+        return Path(os.environ["LORAKIT_LLAMAFACTORY_PYTHON"]).expanduser()
+    from lorakit.models.registry import lorakit_home
+
+    venv = Path(os.environ.get("LORAKIT_LLAMAFACTORY_VENV") or lorakit_home() / "llamafactory-venv").expanduser()
+    return venv / "bin" / "python"
+
+
+def llamafactory_run(
+    python: Path, model: str, data: Path, steps: int, micro: int, cutoff: int, work: Path, overrides: list[str]
+) -> dict:
+    """LLaMA-Factory's SFT LoRA training on the first steps*micro records (cycled), in its own venv."""
+    records = json.loads(data.read_text(encoding="utf-8"))
+    n = steps * micro
+    subset = (records * (n // len(records) + 1))[:n]
+    peer = work / "llamafactory"
+    out = peer / "out"
+    if peer.exists():
+        shutil.rmtree(peer)
+    (peer / "data").mkdir(parents=True)
+    (peer / "data" / "bench.json").write_text(json.dumps(subset, ensure_ascii=False), encoding="utf-8")
+    # alpaca format: instruction / input / output, LLaMA-Factory's default columns
+    (peer / "data" / "dataset_info.json").write_text(json.dumps({"bench": {"file_name": "bench.json"}}))
+    args = {
+        "model_name_or_path": model,
+        "stage": "sft",
+        "do_train": True,
+        "finetuning_type": "lora",
+        "lora_rank": 8,
+        "lora_alpha": 16,
+        "lora_dropout": 0.05,
+        "lora_target": "q_proj,v_proj",
+        "disable_gradient_checkpointing": True,
+        "dataset": "bench",
+        "dataset_dir": str(peer / "data"),
+        "template": "alpaca",
+        "cutoff_len": cutoff,
+        "overwrite_cache": True,
+        "output_dir": str(out),
+        "per_device_train_batch_size": micro,
+        "gradient_accumulation_steps": 1,
+        "learning_rate": 3.0e-4,
+        "max_steps": steps,
+        "bf16": True,
+        "seed": 42,
+        "include_num_input_tokens_seen": "non_padding",
+        "logging_steps": max(steps // 4, 1),
+        "save_strategy": "no",
+        "report_to": "none",
+        "plot_loss": False,
+        "disable_tqdm": True,
+        "dataloader_num_workers": 0,
+    }
+    for item in overrides:
+        key, _, value = item.partition("=")
+        args[key] = yaml.safe_load(value)
+    (peer / "args.json").write_text(json.dumps(args))
+    env = {
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "HF_DATASETS_CACHE": str(peer / "hf-datasets"),
+        "PYTHONPATH": "",
+    }
+    r = run_json([str(python), "-c", PEER_LLAMAFACTORY, str(peer / "args.json")], env=env)
+    if r["num_input_tokens_seen"] != round(r["dataset_tokens"] * r["epoch"]):
+        sys.exit(
+            f"llamafactory: num_input_tokens_seen {r['num_input_tokens_seen']} != the real tokens of the "
+            f"records it trained on ({r['dataset_tokens']} x {r['epoch']} epochs): padding counted?"
+        )
+    return {
+        "recipe": "llamafactory",
+        "steps": r["steps"],
+        "real_tokens": r["num_input_tokens_seen"],
+        "wall_s": r["train_runtime"],
+        "tokens_per_s": round(r["num_input_tokens_seen"] / r["train_runtime"], 1),
+        "train_loss": round(r["train_loss"], 4),
+        "peak_rss_mib": r["peak_rss_mib"],
+        "versions": r["versions"],
+    }
+
+
 def median_run(runs: list[dict]) -> dict:
     """The run with the median tokens/s (its own RSS and loss), so figures stay consistent."""
     ordered = sorted(runs, key=lambda r: r["tokens_per_s"])
@@ -87,7 +237,7 @@ def main() -> int:
     ap.add_argument("--micro-batch", type=int, default=4)
     ap.add_argument("--cutoff", type=int, default=256)
     ap.add_argument("--skip-seed", action="store_true", help="skip the slow fp32 seed recipe")
-    ap.add_argument("--repeats", type=int, default=2, help="interleaved runs of tuned and lorakit (median)")
+    ap.add_argument("--repeats", type=int, default=3, help="interleaved runs of tuned, lorakit and the peer (median)")
     ap.add_argument(
         "--set",
         dest="overrides",
@@ -96,7 +246,28 @@ def main() -> int:
         metavar="KEY=VALUE",
         help="a lorakit config override for its run (measure one lever at a time)",
     )
+    ap.add_argument(
+        "--peer",
+        choices=["llamafactory"],
+        help="also run this framework in the same run, interleaved (LLaMA-Factory: its own venv)",
+    )
+    ap.add_argument(
+        "--peer-set",
+        dest="peer_overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a LLaMA-Factory argument override for the peer's run (value parsed as YAML)",
+    )
     a = ap.parse_args()
+    peer_py = None
+    if a.peer == "llamafactory":
+        peer_py = peer_python()
+        if not peer_py.is_file():
+            sys.exit(
+                f"--peer llamafactory: no Python at {peer_py}; install it with "
+                "`bash scripts/install-llamafactory.sh` (or set LORAKIT_LLAMAFACTORY_PYTHON)"
+            )
 
     from lorakit.models.registry import pull
 
@@ -120,7 +291,7 @@ def main() -> int:
         "--targets",
         "q_proj,v_proj",
     ]
-    runs: dict[str, list[dict]] = {"seed": [], "tuned": [], "lorakit": []}
+    runs: dict[str, list[dict]] = {"seed": [], "tuned": [], "lorakit": [], "llamafactory": []}
     with tempfile.TemporaryDirectory(prefix="lorakit-bench-") as tmp:
         if not a.skip_seed:  # slow and far behind: once is enough
             runs["seed"].append(run_json([sys.executable, str(recipe), "--variant", "seed", *common]))
@@ -131,19 +302,28 @@ def main() -> int:
             runs["lorakit"].append(
                 lorakit_run(model, a.data, a.steps, a.micro_batch, a.cutoff, Path(tmp), a.overrides)
             )
+            if peer_py is not None:
+                runs["llamafactory"].append(
+                    llamafactory_run(
+                        peer_py, model, a.data, a.steps, a.micro_batch, a.cutoff, Path(tmp), a.peer_overrides
+                    )
+                )
     results = {name: median_run(rs) for name, rs in runs.items() if rs}
     for name, rs in runs.items():
         if len(rs) > 1:
             print(f"{name}: tokens/s per repeat " + ", ".join(f"{r['tokens_per_s']:.1f}" for r in rs))
 
-    print(f"{'recipe':<10}{'tokens':>9}{'wall s':>9}{'tokens/s':>10}{'peak RSS MiB':>14}{'train loss':>12}")
+    if "llamafactory" in results:
+        print("llamafactory: " + ", ".join(f"{k} {v}" for k, v in results["llamafactory"]["versions"].items()))
+    print(f"{'recipe':<13}{'tokens':>9}{'wall s':>9}{'tokens/s':>10}{'peak RSS MiB':>14}{'train loss':>12}")
     for name, r in results.items():
         print(
-            f"{name:<10}{r['real_tokens']:>9}{r['wall_s']:>9.1f}{r['tokens_per_s']:>10.1f}"
+            f"{name:<13}{r['real_tokens']:>9}{r['wall_s']:>9.1f}{r['tokens_per_s']:>10.1f}"
             f"{r['peak_rss_mib']:>14.0f}{r['train_loss']:>12.4f}"
         )
     lk, tu = results["lorakit"], results["tuned"]
     seed_tps = results["seed"]["tokens_per_s"] if "seed" in results else None
+    lf = results.get("llamafactory")
     print(
         json.dumps(
             {
@@ -156,6 +336,9 @@ def main() -> int:
                 "loss_lorakit": lk["train_loss"],
                 "loss_tuned": tu["train_loss"],
                 "ceiling_share": round(lk["tokens_per_s"] / CEILING_TOKENS_PER_S, 3),
+                "llamafactory_tokens_per_s": lf["tokens_per_s"] if lf else None,
+                "ratio_vs_llamafactory": round(lk["tokens_per_s"] / lf["tokens_per_s"], 3) if lf else None,
+                "loss_llamafactory": lf["train_loss"] if lf else None,
             }
         )
     )
