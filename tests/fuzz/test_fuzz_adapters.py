@@ -357,6 +357,11 @@ def test_adapter_beside_a_loaded_one(data, sources, served, work):
         ({"manifest": {"base_model": "x" * 300}}, "recorded base model is no usable path"),  # OSError
         ({"manifest": b"[" * 100_000}, "its manifest is nested too deeply"),  # RecursionError in runfolder
         ({"config_record": b"prompt_template_name: " + b"[" * 1500}, "nested too deeply"),  # ditto
+        # found by the long run: peft wrapped the decoder's ModuleList as a module to save, failed,
+        # and its unload could not take the wrapper back out: LoRA layers left in the shared base
+        ({"modules_to_save": {"": None}}, "does not fit base model"),
+        ({"modules_to_save": [""]}, "does not fit base model"),
+        ({"modules_to_save": ["layers"]}, "does not fit base model"),
     ],
 )
 def test_regressions(change, needle, sources, base, work):

@@ -297,6 +297,7 @@ def load_adapter(model, path: str | Path, adapter_name: str):
     had_adapters = was_peft and len(model.peft_config) > 0
 
     peft_model = model if was_peft else None
+    tree = None if was_peft else _module_tree(model)  # what a failed wrap of a plain model restores
     added = False
     try:
         with warnings.catch_warnings():
@@ -320,10 +321,10 @@ def load_adapter(model, path: str | Path, adapter_name: str):
                 result = set_peft_model_state_dict(peft_model, state, adapter_name=adapter_name)
             _check_load_result(result, adapter_name)
     except ModelError:
-        _roll_back(peft_model if peft_model is not None else model, adapter_name, was_peft, added)
+        _roll_back(model, adapter_name, added, tree)
         raise
     except (ValueError, KeyError, RuntimeError, TypeError, AttributeError, SafetensorError) as e:
-        _roll_back(peft_model if peft_model is not None else model, adapter_name, was_peft, added)
+        _roll_back(model, adapter_name, added, tree)
         raise ModelError(f"adapter {folder} does not fit base model {base_name}: {_first_line(e)}") from None
     if was_peft and not had_adapters:  # the model had no adapter left: this one becomes active
         peft_model.set_adapter(adapter_name, inference_mode=True)
@@ -338,40 +339,32 @@ def base_model_of(model):
     return model.base_model.model if _is_peft_model(model) else model
 
 
-def _roll_back(model, adapter_name: str, was_peft: bool, added: bool) -> None:
-    """Undo a failed load: remove the half-loaded adapter (or the LoRA layers from a plain model,
-    also when peft failed halfway through wrapping it, before a PeftModel existed)."""
+def _module_tree(model) -> list[tuple]:
+    """Every module's children and every parameter's requires_grad: what peft changes when it wraps
+    a plain model (it replaces children in place and freezes the base)."""
+    modules = [(m, dict(m._modules)) for m in model.modules()]
+    return modules + [(p, p.requires_grad) for p in model.parameters()]
+
+
+def _roll_back(model, adapter_name: str, added: bool, tree: list[tuple] | None) -> None:
+    """Undo a failed load: remove the half-loaded adapter from a PeftModel, or give a plain model
+    its original modules back exactly as they were (``tree``), also when peft failed halfway
+    through wrapping it (modules_to_save naming a whole block left wrappers inside wrappers)."""
     try:
-        if was_peft:
+        if tree is None:
             if added and adapter_name in model.peft_config:
                 model.delete_adapter(adapter_name)
-        elif _is_peft_model(model):
-            model.base_model.unload()  # restores the plain model's original modules in place
-        else:
-            _strip_adapter_layers(model)
+            return
+        for owner, saved in tree:
+            if isinstance(saved, dict):
+                owner._modules.clear()
+                owner._modules.update(saved)
+            else:
+                owner.requires_grad_(saved)
+        if hasattr(model, "peft_config"):
+            del model.peft_config
     except Exception:
         pass
-
-
-def _strip_adapter_layers(model) -> None:
-    """Put back the original module wherever peft replaced one (as peft's unload does)."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    done: list[str] = []
-    for name, module in list(model.named_modules()):
-        if not name or any(name.startswith(f"{d}.") for d in done):
-            continue
-        if hasattr(module, "unload_and_optionally_merge_module"):  # modules_to_save, trainable tokens
-            original = module.unload_and_optionally_merge_module(merge=False, safe_merge=False, adapter_names=None)
-        elif isinstance(module, BaseTunerLayer):
-            original = module.get_base_layer()
-        else:
-            continue
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, original)
-        done.append(name)
-    if hasattr(model, "peft_config"):
-        del model.peft_config
 
 
 def unload_adapter(model, adapter_name: str) -> None:
