@@ -161,8 +161,11 @@ def test_adapter_config_record_template_name(name, folder):
 @given(name=text_of("ab.-_/\x00é ", 1, 8) | st.text(any_char, min_size=1, max_size=40) | st.just("a" * 300))
 @example(name="a" * 300)  # OSError: File name too long, from the built-in lookup
 @example(name="\n")  # a line break in the name, shown escaped
+@example(name="README.md")  # found by the long run: a file that exists is read as a template file
 def test_template_names(name):
+    """A name is a built-in template or a path: its error names the option, or the file it read."""
     try:
         check_template(load_template(name))
     except LorakitError as e:
-        user_error_line(e, "prompt_template_name: ")
+        message = user_error_line(e, path=name)
+        assert message.startswith(("prompt_template_name: ", f"prompt template {name}: ")), message
