@@ -362,6 +362,11 @@ def test_adapter_beside_a_loaded_one(data, sources, served, work):
         ({"modules_to_save": {"": None}}, "does not fit base model"),
         ({"modules_to_save": [""]}, "does not fit base model"),
         ({"modules_to_save": ["layers"]}, "does not fit base model"),
+        # found by the long run: keys peft compiles as regular expressions (re.error, a traceback)
+        ({"rank_pattern": {")": 1}}, "rank_pattern key ')' is not a valid pattern"),
+        ({"rank_pattern": {"+": 1}}, "rank_pattern key '+' is not a valid pattern"),
+        ({"alpha_pattern": {"?": 2}}, "alpha_pattern key '?' is not a valid pattern"),
+        ({"target_modules": "q_proj("}, "does not fit base model"),  # a string is a pattern too
     ],
 )
 def test_regressions(change, needle, sources, base, work):

@@ -106,6 +106,13 @@ def _check_ranks(file: Path, config: dict, weights: Path, shapes: dict) -> None:
     pattern = config.get("rank_pattern") or {}
     if not isinstance(pattern, dict):
         raise ModelError(f"adapter: {file}: 'rank_pattern' must be an object {{module pattern: rank}}")
+    for name in ("rank_pattern", "alpha_pattern"):
+        patterns = config.get(name) or {}
+        for key in patterns if isinstance(patterns, dict) else ():
+            try:  # peft matches module names with rf"(.*\.)?({key})$"
+                re.compile(rf"(.*\.)?({key})$")
+            except re.error as e:
+                raise ModelError(f"adapter: {file}: {name} key {key!r} is not a valid pattern ({e})") from None
     ranks = {"'r'": config.get("r", 8), **{f"rank_pattern[{k!r}]": v for k, v in pattern.items()}}
     for where, rank in ranks.items():
         if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
@@ -323,7 +330,7 @@ def load_adapter(model, path: str | Path, adapter_name: str):
     except ModelError:
         _roll_back(model, adapter_name, added, tree)
         raise
-    except (ValueError, KeyError, RuntimeError, TypeError, AttributeError, SafetensorError) as e:
+    except (ValueError, KeyError, RuntimeError, TypeError, AttributeError, SafetensorError, re.error) as e:
         _roll_back(model, adapter_name, added, tree)
         raise ModelError(f"adapter {folder} does not fit base model {base_name}: {_first_line(e)}") from None
     if was_peft and not had_adapters:  # the model had no adapter left: this one becomes active
