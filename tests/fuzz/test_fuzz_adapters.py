@@ -318,6 +318,7 @@ def test_adapter_beside_a_loaded_one(data, sources, served, work):
     """A bad adapter loaded beside a good one (the server's POST /v1/adapters) leaves the good
     one loaded, active and answering exactly as before."""
     model, ids, logits = served
+    modules = sum(1 for _ in model.modules())
     spec = data.draw(folders(sources))
     folder = build(spec, work, sources)
     if not checked(folder):
@@ -330,6 +331,25 @@ def test_adapter_beside_a_loaded_one(data, sources, served, work):
     else:
         unload_adapter(model, "beside")
         event("loaded")
+    assert list(model.peft_config) == ["good"] and model.active_adapter == "good"
+    assert sum(1 for _ in model.modules()) == modules  # nothing left wrapped (it nested per failure)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, logits)
+
+
+def test_failed_loads_beside_a_loaded_one_leave_no_wrappers(sources, served, work):
+    """Found by the long run: modules_to_save [''] beside a loaded adapter made peft wrap modules and
+    fail; the wrappers stayed, one level deeper with every failed load, until the model's module
+    tree was thousands deep."""
+    model, ids, logits = served
+    modules = sum(1 for _ in model.modules())
+    config = {**sources["config"], "modules_to_save": [""]}
+    spec = {"config": json.dumps(config).encode(), "weights": sources["float"], "weights_name": ADAPTER_WEIGHTS}
+    spec |= {"layout": "plain", "template": None, "manifest": None, "config_record": None}
+    for _ in range(3):
+        with pytest.raises(LorakitError):
+            load_adapter(model, build(spec, work, sources), "beside")
+        assert sum(1 for _ in model.modules()) == modules
     assert list(model.peft_config) == ["good"] and model.active_adapter == "good"
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, logits)

@@ -304,7 +304,7 @@ def load_adapter(model, path: str | Path, adapter_name: str):
     had_adapters = was_peft and len(model.peft_config) > 0
 
     peft_model = model if was_peft else None
-    tree = None if was_peft else _module_tree(model)  # what a failed wrap of a plain model restores
+    tree = _module_tree(model)  # what a failed load restores (peft may wrap modules before it fails)
     added = False
     try:
         with warnings.catch_warnings():
@@ -353,22 +353,24 @@ def _module_tree(model) -> list[tuple]:
     return modules + [(p, p.requires_grad) for p in model.parameters()]
 
 
-def _roll_back(model, adapter_name: str, added: bool, tree: list[tuple] | None) -> None:
-    """Undo a failed load: remove the half-loaded adapter from a PeftModel, or give a plain model
-    its original modules back exactly as they were (``tree``), also when peft failed halfway
-    through wrapping it (modules_to_save naming a whole block left wrappers inside wrappers)."""
+def _roll_back(model, adapter_name: str, added: bool, tree: list[tuple]) -> None:
+    """Undo a failed load: remove the half-loaded adapter's config, and give the model its modules
+    back exactly as they were (``tree``), also when peft failed halfway through wrapping it
+    (modules_to_save naming a whole block left wrappers inside wrappers; in a serving model those
+    nested deeper with every failed request, found by the fuzz tests)."""
     try:
-        if tree is None:
-            if added and adapter_name in model.peft_config:
+        if _is_peft_model(model) and added and adapter_name in model.peft_config:
+            try:
                 model.delete_adapter(adapter_name)
-            return
+            except Exception:
+                model.peft_config.pop(adapter_name, None)
         for owner, saved in tree:
             if isinstance(saved, dict):
                 owner._modules.clear()
                 owner._modules.update(saved)
             else:
                 owner.requires_grad_(saved)
-        if hasattr(model, "peft_config"):
+        if not _is_peft_model(model) and hasattr(model, "peft_config"):
             del model.peft_config
     except Exception:
         pass
