@@ -12,6 +12,7 @@ import shutil
 
 import pytest
 from random_adapter import make_random_adapter
+from tiny_models import build_tiny_smol_model
 
 pytest.importorskip("llama_cpp", reason="needs llama-cpp-python: pip install 'lorakit[gguf]'")
 pytest.importorskip("sentencepiece", reason="llama.cpp's converter needs sentencepiece: pip install 'lorakit[gguf]'")
@@ -39,28 +40,7 @@ def _llama_cpp_cache(shared_home, monkeypatch):
 @pytest.fixture(scope="module")
 def gguf_model(smollm2_path, tmp_path_factory):
     """A 2-layer random Llama (hidden 64) with smollm2's tokenizer."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    folder = tmp_path_factory.mktemp("tiny-smol")
-    tok = AutoTokenizer.from_pretrained(smollm2_path)
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
-        initializer_range=0.5,  # wide logits: few near-ties for f16 rounding to flip
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-    )
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
+    return build_tiny_smol_model(tmp_path_factory.mktemp("tiny-smol"), smollm2_path)
 
 
 @pytest.fixture(scope="module")
