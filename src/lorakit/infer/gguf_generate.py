@@ -75,7 +75,7 @@ class GgufGenerator:
     def __init__(self, path: str | Path, n_ctx: int = 4096, verbose: bool = False):
         llama_cpp = _need_llama_cpp()
         from ..console import info, warn
-        from .gguf import _renderer, gguf_metadata
+        from .gguf import _renderer, gguf_metadata, llama_threads
 
         self.path = Path(path)
         if not self.path.is_file():
@@ -87,7 +87,7 @@ class GgufGenerator:
         jinja = meta.get("tokenizer.chat_template")
         if not isinstance(jinja, str) or not jinja:
             raise LorakitError(f"--gguf: {self.path} has no tokenizer.chat_template (export it with lorakit export)")
-        self.llm = llama_cpp.Llama(model_path=str(self.path), n_ctx=n_ctx, verbose=verbose)
+        self.llm = llama_cpp.Llama(model_path=str(self.path), n_ctx=n_ctx, verbose=verbose, **llama_threads())
         self.base = self.path.name  # what chat says it talks to
         eos = self.llm.token_eos()
         bos = self.llm.token_bos()
