@@ -15,8 +15,9 @@ made by scripts/install-llamafactory.sh) to the same run, its repeats interleave
 the same model folder and records (written as an alpaca-format dataset), LoRA r 8 / alpha 16 /
 dropout 0.05 on q_proj,v_proj, its `alpaca` template (prompt masked, its default), cutoff_len 256,
 per-device batch 4, no gradient accumulation, the same max_steps, learning rate and seed, bf16 on
-the CPU (use_cpu, or no_cuda where its transformers has no use_cpu; it loads the weights in the
-model's own fp32 and trains under bf16 autocast, like the tuned recipe), length grouping like the
+the CPU where lorakit picks bf16 on this machine, else fp32 (use_cpu, or no_cuda where its
+transformers has no use_cpu; it loads the weights in the model's own fp32 and trains under bf16
+autocast, like the tuned recipe), length grouping like the
 other two (so the batches match theirs), no eval, no checkpoints (save_strategy no; it still
 writes the final adapter, its state and metrics files). LLaMA-Factory checkpoints activations by default;
 that is turned off (disable_gradient_checkpointing), as neither the tuned recipe nor lorakit
@@ -29,8 +30,15 @@ checked against the real tokens of the tokenized records it trained on (one epoc
 fails the run. Its loss is not quite comparable: its alpaca template differs a little (the input
 follows the instruction in one block; "\n\n" after EOS is trained).
 
-usage: python bench/train_throughput.py [--steps 24] [--repeats 3] [--data FILE] [--skip-seed] [--set KEY=VALUE]
-                                        [--peer llamafactory] [--peer-set KEY=VALUE]
+The machine is named first (CPU, threads, native bf16 or not, the fp32 and bf16 matmul rates it
+reaches on the model's own shapes) and its facts go into the JSON line. The peer trains in the
+precision lorakit's `precision: auto` picks here (bf16 autocast where the CPU has native bf16, else
+fp32); the tuned recipe always asks for bf16. On a CPU without native bf16 torch emulates it (a
+bf16 matmul ~50-100x slower than fp32), so ratio_vs_tuned there measures lorakit's precision choice,
+not its training loop, and a line says so; --skip-tuned leaves the (slow) tuned recipe out.
+
+usage: python bench/train_throughput.py [--steps 24] [--repeats 3] [--data FILE] [--skip-seed] [--skip-tuned]
+                                        [--set KEY=VALUE] [--peer llamafactory] [--peer-set KEY=VALUE]
 """
 
 from __future__ import annotations
@@ -45,11 +53,10 @@ import tempfile
 from pathlib import Path
 
 import yaml
+from machine_facts import describe, machine_facts
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
-# bf16 matmul peak on this CPU (~900 GFLOP/s) / (4 x 135M FLOPs per token with a frozen base)
-CEILING_TOKENS_PER_S = 1700.0
 
 
 def run_json(cmd: list[str], env: dict | None = None) -> dict:
@@ -86,9 +93,11 @@ def lorakit_run(model: str, data: Path, steps: int, micro: int, cutoff: int, wor
     )
     if proc.returncode != 0:
         sys.exit(f"lorakit train failed:\n{proc.stderr[-3000:]}")
-    t = json.loads((work / "lorakit-out" / "manifest.json").read_text())["training"]
+    manifest = json.loads((work / "lorakit-out" / "manifest.json").read_text())
+    t = manifest["training"]
     return {
         "recipe": "lorakit",
+        "precision": manifest["precision"],
         "steps": t["global_steps"],
         "real_tokens": t["tokens_seen"],
         "wall_s": t["wall_s"],
@@ -152,9 +161,20 @@ def peer_python() -> Path | None:
 
 
 def llamafactory_run(
-    python: Path, model: str, data: Path, steps: int, micro: int, cutoff: int, work: Path, overrides: list[str]
+    python: Path,
+    model: str,
+    data: Path,
+    steps: int,
+    micro: int,
+    cutoff: int,
+    work: Path,
+    overrides: list[str],
+    bf16: bool,
 ) -> dict:
-    """LLaMA-Factory's SFT LoRA training on the first steps*micro records (cycled), in its own venv."""
+    """LLaMA-Factory's SFT LoRA training on the first steps*micro records (cycled), in its own venv.
+
+    bf16: its bf16 autocast on or off; the caller passes lorakit's own choice on this machine, so
+    the two train in the same precision (--peer-set bf16=... overrides it)."""
     records = json.loads(data.read_text(encoding="utf-8"))
     n = steps * micro
     subset = (records * (n // len(records) + 1))[:n]
@@ -186,7 +206,7 @@ def llamafactory_run(
         "gradient_accumulation_steps": 1,
         "learning_rate": 3.0e-4,
         "max_steps": steps,
-        "bf16": True,
+        "bf16": bf16,
         "seed": 42,
         "include_num_input_tokens_seen": "non_padding",
         "logging_steps": max(steps // 4, 1),
@@ -220,6 +240,7 @@ def llamafactory_run(
         "tokens_per_s": round(r["num_input_tokens_seen"] / r["train_runtime"], 1),
         "train_loss": round(r["train_loss"], 4),
         "peak_rss_mib": r["peak_rss_mib"],
+        "precision": "bf16" if args["bf16"] else "fp32",
         "versions": r["versions"],
     }
 
@@ -237,6 +258,11 @@ def main() -> int:
     ap.add_argument("--micro-batch", type=int, default=4)
     ap.add_argument("--cutoff", type=int, default=256)
     ap.add_argument("--skip-seed", action="store_true", help="skip the slow fp32 seed recipe")
+    ap.add_argument(
+        "--skip-tuned",
+        action="store_true",
+        help="skip the tuned recipe (e.g. on a CPU without native bf16, where its bf16 is emulated and slow)",
+    )
     ap.add_argument("--repeats", type=int, default=3, help="interleaved runs of tuned, lorakit and the peer (median)")
     ap.add_argument(
         "--set",
@@ -271,6 +297,18 @@ def main() -> int:
 
     from lorakit.models.registry import pull
 
+    machine = machine_facts()
+    print(describe(machine), flush=True)
+    emulated = not machine["native_bf16"] and not a.skip_tuned
+    if emulated:
+        print(
+            "note: this CPU has no native bf16, so the tuned recipe's bf16 autocast is emulated here "
+            f"(bf16 matmul {machine['matmul_gflops_bf16']} vs fp32 {machine['matmul_gflops_fp32']} GFLOP/s) and "
+            "runs many times slower; ratio_vs_tuned on this machine measures lorakit's precision choice "
+            "(fp32 here), not its training loop. --skip-tuned leaves it out.",
+            flush=True,
+        )
+    peer_bf16 = machine["lorakit_precision"] == "bf16"
     model = str(pull("smollm2-135m"))
     recipe = SHARED / "bench" / "seed_recipe.py"
     common = [
@@ -298,14 +336,24 @@ def main() -> int:
         # Interleaved repeats, medians reported: on a shared VM the speed drifts by 10-20% over
         # minutes, which one run of each would turn into noise in the ratio.
         for _ in range(a.repeats):
-            runs["tuned"].append(run_json([sys.executable, str(recipe), "--variant", "tuned", *common]))
+            if not a.skip_tuned:
+                tuned = run_json([sys.executable, str(recipe), "--variant", "tuned", *common])
+                runs["tuned"].append({**tuned, "precision": "bf16"})
             runs["lorakit"].append(
                 lorakit_run(model, a.data, a.steps, a.micro_batch, a.cutoff, Path(tmp), a.overrides)
             )
             if peer_py is not None:
                 runs["llamafactory"].append(
                     llamafactory_run(
-                        peer_py, model, a.data, a.steps, a.micro_batch, a.cutoff, Path(tmp), a.peer_overrides
+                        peer_py,
+                        model,
+                        a.data,
+                        a.steps,
+                        a.micro_batch,
+                        a.cutoff,
+                        Path(tmp),
+                        a.peer_overrides,
+                        bf16=peer_bf16,
                     )
                 )
     results = {name: median_run(rs) for name, rs in runs.items() if rs}
@@ -315,13 +363,17 @@ def main() -> int:
 
     if "llamafactory" in results:
         print("llamafactory: " + ", ".join(f"{k} {v}" for k, v in results["llamafactory"]["versions"].items()))
-    print(f"{'recipe':<13}{'tokens':>9}{'wall s':>9}{'tokens/s':>10}{'peak RSS MiB':>14}{'train loss':>12}")
+    print(
+        f"{'recipe':<13}{'precision':>10}{'tokens':>9}{'wall s':>9}{'tokens/s':>10}"
+        f"{'peak RSS MiB':>14}{'train loss':>12}"
+    )
     for name, r in results.items():
         print(
-            f"{name:<13}{r['real_tokens']:>9}{r['wall_s']:>9.1f}{r['tokens_per_s']:>10.1f}"
+            f"{name:<13}{r.get('precision', 'fp32'):>10}{r['real_tokens']:>9}{r['wall_s']:>9.1f}"
+            f"{r['tokens_per_s']:>10.1f}"
             f"{r['peak_rss_mib']:>14.0f}{r['train_loss']:>12.4f}"
         )
-    lk, tu = results["lorakit"], results["tuned"]
+    lk, tu = results["lorakit"], results.get("tuned")
     seed_tps = results["seed"]["tokens_per_s"] if "seed" in results else None
     lf = results.get("llamafactory")
     print(
@@ -329,16 +381,19 @@ def main() -> int:
             {
                 "lorakit_tokens_per_s": lk["tokens_per_s"],
                 "seed_tokens_per_s": seed_tps,
-                "tuned_tokens_per_s": tu["tokens_per_s"],
+                "tuned_tokens_per_s": tu["tokens_per_s"] if tu else None,
                 "ratio_vs_seed": round(lk["tokens_per_s"] / seed_tps, 3) if seed_tps else None,
-                "ratio_vs_tuned": round(lk["tokens_per_s"] / tu["tokens_per_s"], 3),
-                "rss_ratio_vs_tuned": round(lk["peak_rss_mib"] / tu["peak_rss_mib"], 3),
+                "ratio_vs_tuned": round(lk["tokens_per_s"] / tu["tokens_per_s"], 3) if tu else None,
+                "tuned_bf16_emulated": emulated,
+                "rss_ratio_vs_tuned": round(lk["peak_rss_mib"] / tu["peak_rss_mib"], 3) if tu else None,
                 "loss_lorakit": lk["train_loss"],
-                "loss_tuned": tu["train_loss"],
-                "ceiling_share": round(lk["tokens_per_s"] / CEILING_TOKENS_PER_S, 3),
+                "loss_tuned": tu["train_loss"] if tu else None,
+                "ceiling_share": round(lk["tokens_per_s"] / machine["ceiling_tokens_per_s"], 3),
                 "llamafactory_tokens_per_s": lf["tokens_per_s"] if lf else None,
                 "ratio_vs_llamafactory": round(lk["tokens_per_s"] / lf["tokens_per_s"], 3) if lf else None,
                 "loss_llamafactory": lf["train_loss"] if lf else None,
+                "precision_llamafactory": lf["precision"] if lf else None,
+                "machine": machine,
             }
         )
     )
