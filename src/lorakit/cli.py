@@ -291,7 +291,7 @@ def export(
         False, "--lora-only", help="ollama: the base GGUF + a GGUF LoRA (ADAPTER) instead of a merged GGUF."
     ),
     quant: str = typer.Option(
-        "q8_0", "--quant", help="gguf, ollama: f16, bf16, q8_0, q4_k_m, q5_k_m or q6_k (a merged GGUF)."
+        "q8_0", "--quant", help="gguf, ollama: f32, f16, bf16, q8_0, q4_k_m, q5_k_m or q6_k (a merged GGUF)."
     ),
     llama_cpp: str | None = typer.Option(
         None,

@@ -57,12 +57,13 @@ def _prompts(adapter, n=8):
 
 
 @pytest.mark.heavy  # llama.cpp conversion and its check, 15-25 s each: the heavy step of .ci/run
-def test_f16_export_verifies_and_carries_the_training_template(adapter, gguf_model, tmp_path):
+@pytest.mark.parametrize("quant", ["f16", "f32"])
+def test_f16_export_verifies_and_carries_the_training_template(adapter, gguf_model, tmp_path, quant):
     from transformers import AutoTokenizer
 
-    out = tmp_path / "f16"
-    record = export_gguf(adapter, out, quant="f16", vset=_prompts(adapter), new_tokens=NEW_TOKENS)
-    name = f"{adapter.name}-f16.gguf"
+    out = tmp_path / quant
+    record = export_gguf(adapter, out, quant=quant, vset=_prompts(adapter), new_tokens=NEW_TOKENS)
+    name = f"{adapter.name}-{quant}.gguf"
     assert sorted(p.name for p in out.iterdir()) == sorted([name, EXPORT_RECORD])
     assert record["gguf_file"] == name and record["verified"] and record["files"][0]["name"] == name
     v = record["verification"]

@@ -3,7 +3,7 @@ written by llama.cpp's OWN converter (``convert_hf_to_gguf.py``, ``convert_lora_
 quantizer (llama-cpp-python's ``llama_model_quantize``, or ``llama-quantize`` on PATH).
 
 - ``--to gguf``: the adapter is exported merged (``export --to hf``, so the tokenizer carries the
-  TRAINING template as its chat_template), converted to f16/bf16/q8_0 by the converter, and to a
+  TRAINING template as its chat_template), converted to f32/f16/bf16/q8_0 by the converter, and to a
   k-quant (q4_k_m, q5_k_m, q6_k) by the quantizer from an f16 intermediate.
 - ``--to gguf-lora``: the adapter converted by convert_lora_to_gguf.py, plus an f16 GGUF of the base
   (with the training template) beside it, for ``llama-cli -m BASE --lora LORA`` / Ollama ADAPTER.
@@ -71,8 +71,8 @@ from .verify import (
     reference_for,
 )
 
-QUANTS = ("f16", "bf16", "q8_0", "q4_k_m", "q5_k_m", "q6_k")
-CONVERTER_TYPES = ("f16", "bf16", "q8_0")  # written directly by convert_hf_to_gguf.py
+QUANTS = ("f32", "f16", "bf16", "q8_0", "q4_k_m", "q5_k_m", "q6_k")
+CONVERTER_TYPES = ("f32", "f16", "bf16", "q8_0")  # written directly by convert_hf_to_gguf.py
 KQUANT_FTYPES = {
     "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M",
     "q5_k_m": "LLAMA_FTYPE_MOSTLY_Q5_K_M",

@@ -13,7 +13,7 @@ answers: the base + adapter, unmerged, run by lorakit's Generator.
 - The figures (``compare``): greedy answers identical (count of N); top-1 agreement: the share of
   the reference's answer tokens the export also ranks first when it reads lorakit's prompt + answer;
   mean KL(lorakit || export) of the next-token distributions over the same positions.
-- The rule (``gate``, ``THRESHOLDS``): ``hf``, ``f16``, ``bf16`` (and a GGUF LoRA, f16): greedy
+- The rule (``gate``, ``THRESHOLDS``): ``hf``, ``f32``, ``f16``, ``bf16`` (and a GGUF LoRA, f16): greedy
   identical on >= 95% and top-1 >= 99%; ``q8_0``: top-1 >= 97%; k-quants: reported, failing only
   below ``--min-top1`` when the user sets it (which also overrides the top-1 rule of any format).
 
@@ -39,6 +39,7 @@ VERIFY_NEW_TOKENS = 32  # greedy tokens per answer
 # format or quant -> (min share of identical greedy answers, min top-1 agreement); None: not a rule
 THRESHOLDS: dict[str, tuple[float | None, float | None]] = {
     "hf": (0.95, 0.99),
+    "f32": (0.95, 0.99),
     "f16": (0.95, 0.99),
     "bf16": (0.95, 0.99),
     "q8_0": (None, 0.97),

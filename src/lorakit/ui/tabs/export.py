@@ -24,7 +24,7 @@ FORMATS = [
     ("gguf: llama.cpp", "gguf"),
     ("ollama: GGUF + Modelfile", "ollama"),
 ]
-QUANTS = ["q8_0", "q4_k_m", "f16", "bf16"]
+QUANTS = ["q8_0", "q4_k_m", "f16", "bf16", "f32"]
 TIMEOUT_S = 3600
 
 
